@@ -1,0 +1,223 @@
+"""Graph construction: raw weighted adjacencies over embedding rows, and their normalisation.
+
+Every builder returns a symmetric, non-negative ``scipy.sparse.csr_matrix`` (float64) ``A``
+whose rows are the rows of the embedding table(s) SEvo will smooth. Builders are vectorised
+with numpy/scipy: no Python loop runs over edges or interactions.
+
+``normalize(A)`` gives ``Ã = D^-1/2 A D^-1/2`` (no self-loops added; a node of degree 0 gets a
+zero row and column).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = [
+    "cooccurrence_graph",
+    "user_item_graph",
+    "category_graph",
+    "edge_list_graph",
+    "normalize",
+    "validate_adjacency",
+]
+
+
+def _as_int_array(name: str, x) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer ids, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False).ravel()
+
+
+def _check_ids(name: str, ids: np.ndarray, upper: int) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= upper):
+        raise ValueError(
+            f"{name} must lie in [0, {upper}), got values in [{ids.min()}, {ids.max()}]"
+        )
+
+
+def _symmetric_csr(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, n: int) -> sp.csr_matrix:
+    """Sum of (rows, cols, w) and its transpose as CSR, duplicates summed."""
+    r = np.concatenate([rows, cols])
+    c = np.concatenate([cols, rows])
+    w = np.concatenate([weights, weights])
+    a = sp.coo_matrix((w, (r, c)), shape=(n, n)).tocsr()
+    a.sum_duplicates()
+    return a
+
+
+def cooccurrence_graph(
+    sequences: Sequence[Sequence[int]] | Sequence[np.ndarray],
+    num_items: int,
+    *,
+    H: int = 1,
+    maxlen: int | None = None,
+    num_pads: int = 1,
+) -> sp.csr_matrix:
+    """Item-item co-occurrence graph from training sequences (spec §1).
+
+    Items ``x`` in ``sequences`` are ids in ``[0, num_items)``; node ``x + num_pads`` holds item
+    ``x`` and rows ``0 .. num_pads-1`` are padding (isolated). Each sequence is cut to its last
+    ``maxlen`` items; then for every position ``i`` and every ``j`` in ``i+1 .. min(i+H, len-1)``,
+    with ``h = j - i``::
+
+        w[x_i, x_j] += 1/h   and   w[x_j, x_i] += 1/h
+
+    so a repeated item (``x_i == x_j``) adds ``2/h`` to the diagonal.
+
+    Args:
+      sequences: the TRAINING sequences only, oldest item first.
+      num_items: number of distinct items (ids ``0 .. num_items-1``).
+      H: longest walk that still makes two items neighbours (paper default 1).
+      maxlen: keep only each sequence's last ``maxlen`` items (None = all).
+      num_pads: padding rows placed before the items.
+
+    Returns:
+      ``(num_items + num_pads)``-square symmetric CSR matrix.
+    """
+    if not isinstance(H, (int, np.integer)) or isinstance(H, bool) or H < 1:
+        raise ValueError(f"H must be a positive integer, got {H!r}")
+    if maxlen is not None and (not isinstance(maxlen, (int, np.integer)) or maxlen < 1):
+        raise ValueError(f"maxlen must be a positive integer or None, got {maxlen!r}")
+    if num_pads < 0:
+        raise ValueError(f"num_pads must be >= 0, got {num_pads!r}")
+    n = int(num_items) + int(num_pads)
+    seqs = [np.asarray(s) for s in sequences]
+    if maxlen is not None:
+        seqs = [s[-maxlen:] for s in seqs]
+    lengths = np.fromiter((s.size for s in seqs), dtype=np.int64, count=len(seqs))
+    flat = _as_int_array("sequences", np.concatenate(seqs) if seqs else np.zeros(0, np.int64))
+    _check_ids("sequences", flat, int(num_items))
+    flat = flat + num_pads
+    seq_id = np.repeat(np.arange(len(seqs)), lengths)
+
+    rows, cols, weights = [], [], []
+    for h in range(1, H + 1):
+        same = seq_id[:-h] == seq_id[h:] if flat.size > h else np.zeros(0, bool)
+        rows.append(flat[:-h][same])
+        cols.append(flat[h:][same])
+        weights.append(np.full(int(same.sum()), 1.0 / h))
+    empty = np.zeros(0, np.int64)
+    return _symmetric_csr(
+        np.concatenate(rows) if rows else empty,
+        np.concatenate(cols) if cols else empty,
+        np.concatenate(weights) if weights else np.zeros(0),
+        n,
+    )
+
+
+def user_item_graph(
+    users: Sequence[int] | np.ndarray,
+    items: Sequence[int] | np.ndarray,
+    num_users: int,
+    num_items: int,
+    *,
+    num_pads: int = 1,
+) -> sp.csr_matrix:
+    """Bipartite user-item graph (spec §1): users first, then padding rows, then items.
+
+    User ``u`` is node ``u``; item ``x`` (in ``[0, num_items)``) is node
+    ``num_users + num_pads + x``. Each training interaction adds an undirected edge of weight 1;
+    repeated interactions are merged (weight stays 1).
+    """
+    u = _as_int_array("users", users)
+    i = _as_int_array("items", items)
+    if u.shape != i.shape:
+        raise ValueError(f"users and items must have the same length, got {u.size} and {i.size}")
+    _check_ids("users", u, int(num_users))
+    _check_ids("items", i, int(num_items))
+    n = int(num_users) + int(num_pads) + int(num_items)
+    a = _symmetric_csr(u, i + num_users + num_pads, np.ones(u.size), n)
+    a.data[:] = 1.0
+    return a
+
+
+def category_graph(
+    item_categories: sp.spmatrix | np.ndarray,
+    *,
+    weighted: bool = True,
+) -> sp.csr_matrix:
+    """Items sharing a category are linked (the paper's category-consistency prior).
+
+    Args:
+      item_categories: ``(n, C)`` 0/1 incidence (dense or sparse); row ``i`` lists node ``i``'s
+        categories (multi-label allowed; padding rows are all zero).
+      weighted: weight = number of shared categories; otherwise 1 for any shared category.
+
+    Returns:
+      ``A = C C^T`` with the diagonal removed (no self-loops). Note the cost grows with the
+      square of the largest category's size.
+    """
+    c = sp.csr_matrix(item_categories, dtype=np.float64)
+    if c.nnz and (c.data < 0).any():
+        raise ValueError("item_categories must be a 0/1 incidence matrix, got negative entries")
+    c.data[:] = 1.0
+    a = (c @ c.T).tocsr()
+    a.setdiag(0.0)
+    a.eliminate_zeros()
+    if not weighted:
+        a.data[:] = 1.0
+    return a
+
+
+def edge_list_graph(
+    src: Sequence[int] | np.ndarray,
+    dst: Sequence[int] | np.ndarray,
+    num_nodes: int,
+    *,
+    weights: Sequence[float] | np.ndarray | None = None,
+) -> sp.csr_matrix:
+    """Symmetric graph from a plain edge list: ``A = W + W^T`` with duplicates summed.
+
+    Each pair ``(src[k], dst[k])`` is one undirected edge of weight ``weights[k]`` (default 1).
+    A self-loop ``(i, i)`` therefore adds ``2 w`` to ``A_ii``.
+    """
+    s = _as_int_array("src", src)
+    d = _as_int_array("dst", dst)
+    if s.shape != d.shape:
+        raise ValueError(f"src and dst must have the same length, got {s.size} and {d.size}")
+    _check_ids("src", s, int(num_nodes))
+    _check_ids("dst", d, int(num_nodes))
+    w = np.ones(s.size) if weights is None else np.asarray(weights, np.float64).ravel()
+    if w.shape != s.shape:
+        raise ValueError(f"weights must have one entry per edge ({s.size}), got {w.size}")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError("weights must be finite and non-negative")
+    return _symmetric_csr(s, d, w, int(num_nodes))
+
+
+def validate_adjacency(adjacency: sp.spmatrix, *, name: str = "adjacency") -> sp.csr_matrix:
+    """Check that a raw adjacency is square, finite, non-negative and symmetric; return CSR."""
+    if adjacency.ndim != 2 or adjacency.shape[0] != adjacency.shape[1]:
+        raise ValueError(f"{name} must be a square matrix, got shape {adjacency.shape}")
+    a = sp.csr_matrix(adjacency, dtype=np.float64)
+    a.sum_duplicates()
+    if not np.isfinite(a.data).all():
+        raise ValueError(f"{name} has NaN or inf weights; expected finite non-negative weights")
+    if (a.data < 0).any():
+        raise ValueError(
+            f"{name} has negative weights (min {a.data.min():.3g}); expected non-negative weights"
+        )
+    asym = abs(a - a.T)
+    scale = abs(a).max() if a.nnz else 0.0
+    if asym.nnz and asym.max() > 1e-6 * max(scale, 1e-30):
+        raise ValueError(
+            f"{name} is not symmetric (max |A - A^T| = {asym.max():.3g}); SEvo expects an "
+            "undirected graph: pass A + A.T or (A + A.T) / 2"
+        )
+    return a
+
+
+def normalize(adjacency: sp.spmatrix) -> sp.csr_matrix:
+    """``Ã = D^-1/2 A D^-1/2`` with ``D = diag(row sums)``; degree-0 nodes get zero rows/cols."""
+    a = validate_adjacency(adjacency)
+    deg = np.asarray(a.sum(axis=1)).ravel()
+    inv_sqrt = np.zeros_like(deg)
+    np.divide(1.0, np.sqrt(deg), out=inv_sqrt, where=deg > 0)
+    d = sp.diags(inv_sqrt)
+    out = (d @ a @ d).tocsr()
+    out.sort_indices()
+    return out

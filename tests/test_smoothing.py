@@ -1,0 +1,215 @@
+"""psi and sevo_smooth: spec §2 properties, exactness against the oracle, and bad inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental import sparse as jsparse
+
+import sevo_jax as sj
+from tests import oracle
+
+jax.config.update("jax_enable_x64", False)
+
+
+def random_graph(rng, n, density=0.4, isolated=True):
+    a = rng.random((n, n)) * (rng.random((n, n)) < density)
+    a = np.triu(a) + np.triu(a, 1).T
+    if isolated and n > 2:
+        a[0, :] = a[:, 0] = 0.0
+    return a
+
+
+@st.composite
+def graph_and_signal(draw):
+    n = draw(st.integers(2, 14))
+    d = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    a = random_graph(rng, n, density=draw(st.floats(0.1, 0.9)), isolated=draw(st.booleans()))
+    x = rng.standard_normal((n, d))
+    return a, x
+
+
+def psi_np(a, x, beta, num_layers, approx):
+    g = sj.as_normalized_graph(a)
+    return np.asarray(sj.propagate(g, jnp.asarray(x, jnp.float32), beta, num_layers, approx), np.float64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(graph_and_signal(), st.floats(0.0, 0.995), st.integers(0, 6),
+       st.sampled_from(sj.APPROXIMATIONS))
+def test_matches_oracle(gx, beta, num_layers, approx):
+    a, x = gx
+    expected = oracle.psi(x, oracle.normalize(a), beta, num_layers, approx)
+    np.testing.assert_allclose(psi_np(a, x, beta, num_layers, approx), expected, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(graph_and_signal(), st.floats(0.0, 0.995), st.integers(0, 6),
+       st.sampled_from(sj.APPROXIMATIONS))
+def test_smoothness_never_increases(gx, beta, num_layers, approx):
+    a, x = gx
+    j_before = float(sj.smoothness(jnp.asarray(x, jnp.float32), a))
+    j_after = float(sj.smoothness(psi_np(a, x, beta, num_layers, approx).astype(np.float32), a))
+    assert j_after <= j_before + 1e-4 * max(1.0, abs(j_before))
+
+
+@settings(max_examples=60, deadline=None)
+@given(graph_and_signal(), st.floats(0.0, 0.99), st.integers(0, 6), st.sampled_from(["neumann", "nsa"]))
+def test_direction_aware(gx, beta, num_layers, approx):
+    a, x = gx
+    assert float(np.sum(psi_np(a, x, beta, num_layers, approx) * x)) > 0.0
+
+
+def test_iterative_is_not_direction_aware_for_large_beta():
+    """Theorem 1: on a bipartite graph the iterative form can reverse an alternating signal."""
+    a = np.array([[0.0, 1.0], [1.0, 0.0]])
+    x = np.array([[1.0], [-1.0]])
+    assert float(np.sum(psi_np(a, x, 0.99, 3, "iterative") * x)) < 0.0
+    assert float(np.sum(psi_np(a, x, 0.99, 3, "neumann") * x)) > 0.0
+
+
+def test_neumann_tends_to_closed_form():
+    rng = np.random.default_rng(0)
+    a = random_graph(rng, 12)
+    x = rng.standard_normal((12, 3))
+    target = oracle.psi_star(x, oracle.normalize(a), 0.9)
+    errors = [np.abs(psi_np(a, x, 0.9, L, "neumann") - target).max() for L in (1, 5, 20, 80, 200)]
+    assert all(e2 <= e1 + 1e-6 for e1, e2 in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-4
+    assert errors[0] > 10 * errors[-1]
+
+
+@pytest.mark.parametrize("beta,num_layers", [(0.0, 3), (0.7, 0), (0.0, 0)])
+def test_identity_cases(beta, num_layers):
+    rng = np.random.default_rng(0)
+    a = random_graph(rng, 8)
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    np.testing.assert_allclose(psi_np(a, x, beta, num_layers, "neumann"), x, rtol=1e-6, atol=1e-7)
+
+
+def test_joint_smoothing_equals_concatenation():
+    rng = np.random.default_rng(0)
+    a = random_graph(rng, 10)
+    users, items = rng.standard_normal((4, 3)), rng.standard_normal((6, 3))
+    tx = sj.sevo_smooth(a, 0.9, 3, mask={"a_users": True, "b_items": True, "w": False})
+    updates = {"a_users": jnp.asarray(users, jnp.float32), "b_items": jnp.asarray(items, jnp.float32),
+               "w": jnp.ones(3)}
+    out, _ = jax.jit(tx.update)(updates, tx.init(updates))
+    joint = psi_np(a, np.concatenate([users, items]), 0.9, 3, "neumann")
+    np.testing.assert_allclose(out["a_users"], joint[:4], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["b_items"], joint[4:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["w"], updates["w"])
+
+
+@pytest.mark.parametrize("kind", ["scipy", "dense", "bcoo", "normalized"])
+def test_adjacency_input_types_agree(kind):
+    rng = np.random.default_rng(0)
+    a = random_graph(rng, 7)
+    x = rng.standard_normal((7, 2))
+    given = {
+        "scipy": sp.csr_matrix(a),
+        "dense": a,
+        "bcoo": jsparse.BCOO.fromdense(jnp.asarray(a)),
+        "normalized": sj.as_normalized_graph(sp.csr_matrix(a)),
+    }[kind]
+    got = np.asarray(sj.propagate(sj.as_normalized_graph(given), jnp.asarray(x, jnp.float32)))
+    np.testing.assert_allclose(got, oracle.psi(x, oracle.normalize(a), 0.99, 3, "neumann"),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["bcoo", "segment_sum"])
+def test_matmul_implementations_agree(impl):
+    rng = np.random.default_rng(0)
+    a = random_graph(rng, 9)
+    g = sj.as_normalized_graph(a)
+    x = rng.standard_normal((9, 4)).astype(np.float32)
+    np.testing.assert_allclose(g.matmul(jnp.asarray(x), impl=impl), oracle.normalize(a) @ x,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_smoothness_formula():
+    rng = np.random.default_rng(0)
+    a = random_graph(rng, 9, isolated=False)
+    x = rng.standard_normal((9, 3))
+    expected = oracle.smoothness(x, oracle.normalize(a))
+    deg = a.sum(1)
+    pairwise = 0.5 * sum(a[i, j] * np.sum((x[i] / np.sqrt(deg[i]) - x[j] / np.sqrt(deg[j])) ** 2)
+                         for i in range(9) for j in range(9))
+    assert np.isclose(expected, pairwise)
+    assert np.isclose(float(sj.smoothness(jnp.asarray(x, jnp.float32), a)), expected, rtol=1e-4)
+
+
+def test_isolated_nodes_give_finite_values():
+    a = np.zeros((4, 4))
+    a[1, 2] = a[2, 1] = 1.0
+    x = jnp.ones((4, 2))
+    out = sj.propagate(sj.as_normalized_graph(a), x)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+# ---- bad inputs: each raises with a message naming the argument -------------------------------
+
+GOOD = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 2.0], [0.0, 2.0, 0.0]])
+
+
+def bad(matrix_patch):
+    a = GOOD.copy()
+    matrix_patch(a)
+    return a
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,needle",
+    [
+        (dict(adjacency=np.ones((3, 4))), ValueError, "adjacency"),
+        (dict(adjacency=bad(lambda a: a.__setitem__((0, 1), 5.0))), ValueError, "symmetric"),
+        (dict(adjacency=bad(lambda a: (a.__setitem__((0, 1), -1.0), a.__setitem__((1, 0), -1.0)))),
+         ValueError, "negative"),
+        (dict(adjacency=bad(lambda a: (a.__setitem__((0, 1), np.nan), a.__setitem__((1, 0), np.nan)))),
+         ValueError, "NaN"),
+        (dict(adjacency=bad(lambda a: (a.__setitem__((0, 1), np.inf), a.__setitem__((1, 0), np.inf)))),
+         ValueError, "inf"),
+        (dict(adjacency="graph.txt"), TypeError, "adjacency"),
+        (dict(adjacency=GOOD, beta=1.0), ValueError, "beta"),
+        (dict(adjacency=GOOD, beta=-0.1), ValueError, "beta"),
+        (dict(adjacency=GOOD, beta=float("nan")), ValueError, "beta"),
+        (dict(adjacency=GOOD, beta="0.9"), TypeError, "beta"),
+        (dict(adjacency=GOOD, num_layers=-1), ValueError, "num_layers"),
+        (dict(adjacency=GOOD, num_layers=2.5), TypeError, "num_layers"),
+        (dict(adjacency=GOOD, num_layers=True), TypeError, "num_layers"),
+        (dict(adjacency=GOOD, approx="chebyshev"), ValueError, "approx"),
+    ],
+)
+def test_bad_construction_arguments(kwargs, error, needle):
+    with pytest.raises(error, match=needle):
+        sj.sevo_smooth(**kwargs)
+    with pytest.raises(error, match=needle):
+        sj.sevo_adamw(1e-3, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "params,mask,needle",
+    [
+        ({"emb": jnp.ones((4, 2))}, None, "adjacency has 3 nodes but the masked tables stack to 4"),
+        ({"emb": jnp.ones((3, 2)), "w": jnp.ones((2, 2))}, {"emb": False, "w": False}, "mask selects no"),
+        ({"emb": jnp.ones((3,))}, None, "2-D"),
+        ({"a": jnp.ones((1, 2)), "b": jnp.ones((2, 3))}, None, "width"),
+        ({"emb": jnp.ones((3, 2))}, {"other": True}, "mask"),
+    ],
+)
+def test_bad_params_or_mask_fail_at_init(params, mask, needle):
+    for opt in (sj.sevo_smooth(GOOD, mask=mask), sj.sevo_adamw(1e-3, GOOD, mask=mask)):
+        with pytest.raises(ValueError, match=needle):
+            opt.init(params)
+
+
+def test_update_also_checks_the_node_count():
+    tx = sj.sevo_smooth(GOOD)
+    state = tx.init({"emb": jnp.ones((3, 2))})
+    with pytest.raises(ValueError, match="adjacency has 3 nodes"):
+        jax.jit(tx.update)({"emb": jnp.ones((5, 2))}, state)
