@@ -1,0 +1,757 @@
+"""Sequential-recommendation data sets: loaders, filtering and the leave-one-out split.
+
+Every loader parses its raw format into flat ``(user, item, time)`` arrays and hands them to
+one shared builder, which
+
+1. optionally applies an iterative k-core filter (users and items with fewer than ``kcore``
+   interactions are dropped until none is left),
+2. drops users with fewer than ``min_len`` interactions (leave-one-out needs >= 3),
+3. remaps users to ``0..U-1`` and items to ``1..I`` in sorted raw-id order (0 is the padding
+   id; files whose item ids are already ``1..N`` keep them), and
+4. orders each user's interactions by time (ties keep file order) and splits them: the last
+   item is the test target, the second last the validation target, the rest is training data.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = [
+    "DataError",
+    "SequenceDataset",
+    "load_seqtxt",
+    "load_movielens",
+    "load_csv",
+    "synthetic",
+    "load_dataset",
+    "FORMATS",
+]
+
+FORMATS = ("seqtxt", "movielens", "csv", "synthetic")
+_CACHE_VERSION = 1
+
+PathLike = str | os.PathLike
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message is one line naming the file."""
+
+
+# --------------------------------------------------------------------------------------
+# The data set container
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class SequenceDataset:
+    """Per-user item sequences after a chronological leave-one-out split.
+
+    Items are ``1..num_items`` (0 is padding). User ``u``'s training items, in time order, are
+    ``train_items[train_offsets[u]:train_offsets[u + 1]]`` (at least one); ``valid[u]`` and
+    ``test[u]`` are the user's second-last and last items. ``item_categories`` is an optional
+    ``(num_items + 1, num_categories)`` float32 0/1 CSR incidence matrix with an empty row 0.
+    """
+
+    name: str
+    num_users: int
+    num_items: int
+    train_items: np.ndarray
+    train_offsets: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    item_categories: sp.csr_matrix | None = None
+    category_names: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        coerce = {
+            "train_items": np.int32,
+            "train_offsets": np.int64,
+            "valid": np.int32,
+            "test": np.int32,
+        }
+        for field, dtype in coerce.items():
+            object.__setattr__(self, field, np.ascontiguousarray(getattr(self, field), dtype))
+        object.__setattr__(self, "num_users", int(self.num_users))
+        object.__setattr__(self, "num_items", int(self.num_items))
+        if self.category_names is not None:
+            object.__setattr__(self, "category_names", tuple(map(str, self.category_names)))
+        off = self.train_offsets
+        if off.shape != (self.num_users + 1,) or off[0] != 0 or off[-1] != self.train_items.size:
+            raise ValueError("train_offsets must have shape (num_users + 1,) and span train_items")
+        if self.valid.shape != (self.num_users,) or self.test.shape != (self.num_users,):
+            raise ValueError("valid and test must have shape (num_users,)")
+        if self.item_categories is not None:
+            if self.item_categories.shape[0] != self.num_items + 1:
+                raise ValueError("item_categories must have num_items + 1 rows")
+            names = self.category_names
+            if names is not None and len(names) != self.item_categories.shape[1]:
+                raise ValueError("category_names must name every column of item_categories")
+
+    # -- views -----------------------------------------------------------------------
+
+    def train_lengths(self) -> np.ndarray:
+        """Number of training items of each user, int64 ``(num_users,)``."""
+        return np.diff(self.train_offsets)
+
+    def train_sequences(self) -> list[np.ndarray]:
+        """Each user's training items in time order (views into ``train_items``)."""
+        return np.split(self.train_items, self.train_offsets[1:-1])
+
+    def train_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(user, item)`` int32 arrays, one entry per training interaction, grouped by user."""
+        users = np.repeat(np.arange(self.num_users, dtype=np.int32), self.train_lengths())
+        return users, self.train_items
+
+    def seen_items(self, split: str) -> sp.csr_matrix:
+        """Boolean ``(num_users, num_items + 1)`` CSR mask of items to exclude when ranking.
+
+        ``"valid"``: the training items; ``"test"``: the training items plus the validation
+        item. With repeat consumption the target itself may be in the mask; callers ranking a
+        target should unmask it.
+        """
+        users, items = self.train_pairs()
+        if split == "test":
+            users = np.concatenate([users, np.arange(self.num_users, dtype=np.int32)])
+            items = np.concatenate([items, self.valid])
+        elif split != "valid":
+            raise ValueError(f"unknown split {split!r}; expected 'valid' or 'test'")
+        mask = sp.csr_matrix(
+            (np.ones(users.size, bool), (users, items)),
+            shape=(self.num_users, self.num_items + 1),
+        )
+        mask.sum_duplicates()
+        return mask
+
+    def stats(self) -> dict:
+        """Users, items, interactions (train + valid + test), density and mean length."""
+        interactions = int(self.train_items.size + 2 * self.num_users)
+        return {
+            "users": self.num_users,
+            "items": self.num_items,
+            "interactions": interactions,
+            "density": interactions / max(self.num_users * self.num_items, 1),
+            "avg_length": interactions / max(self.num_users, 1),
+        }
+
+    # -- persistence -----------------------------------------------------------------
+
+    def save(self, path: PathLike) -> None:
+        """Write the data set to ``path`` (an ``.npz``, written atomically, exact name)."""
+        arrays = {
+            "name": np.array(self.name),
+            "num_users": np.array(self.num_users),
+            "num_items": np.array(self.num_items),
+            "train_items": self.train_items,
+            "train_offsets": self.train_offsets,
+            "valid": self.valid,
+            "test": self.test,
+        }
+        if self.item_categories is not None:
+            cats = self.item_categories.tocsr()
+            arrays |= {
+                "cat_indptr": cats.indptr,
+                "cat_indices": cats.indices,
+                "cat_data": cats.data,
+                "cat_shape": np.array(cats.shape),
+            }
+        if self.category_names is not None:
+            arrays["category_names"] = np.array(self.category_names, dtype=str)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: PathLike) -> SequenceDataset:
+        """Read a data set written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as z:
+            cats = None
+            if "cat_indptr" in z:
+                cats = sp.csr_matrix(
+                    (z["cat_data"], z["cat_indices"], z["cat_indptr"]),
+                    shape=tuple(z["cat_shape"]),
+                )
+            names = tuple(z["category_names"].tolist()) if "category_names" in z else None
+            return cls(
+                name=str(z["name"]),
+                num_users=int(z["num_users"]),
+                num_items=int(z["num_items"]),
+                train_items=z["train_items"],
+                train_offsets=z["train_offsets"],
+                valid=z["valid"],
+                test=z["test"],
+                item_categories=cats,
+                category_names=names,
+            )
+
+    # -- dunder ----------------------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SequenceDataset):
+            return NotImplemented
+        if (self.name, self.num_users, self.num_items, self.category_names) != (
+            other.name, other.num_users, other.num_items, other.category_names
+        ):
+            return False
+        arrays = ("train_items", "train_offsets", "valid", "test")
+        if not all(np.array_equal(getattr(self, a), getattr(other, a)) for a in arrays):
+            return False
+        a, b = self.item_categories, other.item_categories
+        if a is None or b is None:
+            return a is b
+        return a.shape == b.shape and (a != b).nnz == 0
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        cats = 0 if self.item_categories is None else self.item_categories.shape[1]
+        return (
+            f"SequenceDataset(name={self.name!r}, users={s['users']}, items={s['items']}, "
+            f"interactions={s['interactions']}, categories={cats})"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The shared builder
+# --------------------------------------------------------------------------------------
+
+
+def _kcore_mask(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """Interactions that survive the iterative k-core filter on dense codes (k <= 1: all)."""
+    keep = np.ones(users.size, bool)
+    if k <= 1:
+        return keep
+    nu, ni = int(users.max(initial=-1)) + 1, int(items.max(initial=-1)) + 1
+    while True:
+        user_count = np.bincount(users[keep], minlength=nu)
+        item_count = np.bincount(items[keep], minlength=ni)
+        new = keep & (user_count[users] >= k) & (item_count[items] >= k)
+        if new.sum() == keep.sum():
+            return new
+        keep = new
+
+
+def _remap_categories(
+    raw_ids: np.ndarray, categories: tuple[np.ndarray, sp.csr_matrix]
+) -> sp.csr_matrix:
+    """Rows of ``categories`` (keyed by sorted raw item id) for items 1..I, with empty row 0."""
+    keys, table = categories
+    if keys.size == 0:
+        return sp.csr_matrix((raw_ids.size + 1, table.shape[1]), dtype=np.float32)
+    pos = np.searchsorted(keys, raw_ids).clip(0, keys.size - 1)
+    found = keys[pos] == raw_ids
+    rows = np.flatnonzero(found) + 1
+    select = sp.csr_matrix(
+        (np.ones(rows.size, np.float32), (rows, pos[found])),
+        shape=(raw_ids.size + 1, table.shape[0]),
+    )
+    out = (select @ table.astype(np.float32)).tocsr()
+    out.sort_indices()
+    return out
+
+
+def _build(
+    name: str,
+    users: np.ndarray,
+    items: np.ndarray,
+    times: np.ndarray,
+    *,
+    source: str,
+    kcore: int,
+    min_len: int,
+    categories: tuple[np.ndarray, sp.csr_matrix] | None = None,
+    category_names: Sequence[str] | None = None,
+) -> SequenceDataset:
+    """Filter, remap and split raw ``(user, item, time)`` interactions."""
+    if kcore < 0:
+        raise ValueError(f"kcore must be >= 0, got {kcore}")
+    if min_len < 3:
+        raise ValueError(f"min_len must be >= 3 (train, valid and test items), got {min_len}")
+    user_raw, user_code = np.unique(users, return_inverse=True)
+    item_raw, item_code = np.unique(items, return_inverse=True)
+    keep = _kcore_mask(user_code, item_code, kcore)
+    keep &= np.bincount(user_code[keep], minlength=user_raw.size)[user_code] >= min_len
+    if not keep.any():
+        raise DataError(
+            f"{source}: no user left after filtering (kcore={kcore}, min_len={min_len})"
+        )
+
+    # Codes come from sorted raw ids, so ranking the surviving codes keeps sorted raw-id order.
+    kept_users, user_code = np.unique(user_code[keep], return_inverse=True)
+    kept_items, item_code = np.unique(item_code[keep], return_inverse=True)
+    order = np.lexsort((times[keep], user_code))  # stable: equal times keep file order
+    user_code, item_ids = user_code[order], (item_code[order] + 1).astype(np.int32)
+
+    num_users = kept_users.size
+    ends = np.cumsum(np.bincount(user_code, minlength=num_users))
+    train = np.ones(item_ids.size, bool)
+    train[ends - 1] = train[ends - 2] = False
+    offsets = np.concatenate([[0], ends - 2 * np.arange(1, num_users + 1)])
+
+    item_categories = None
+    if categories is not None:
+        item_categories = _remap_categories(item_raw[kept_items], categories)
+    return SequenceDataset(
+        name=name,
+        num_users=num_users,
+        num_items=kept_items.size,
+        train_items=item_ids[train],
+        train_offsets=offsets,
+        valid=item_ids[ends - 2],
+        test=item_ids[ends - 1],
+        item_categories=item_categories,
+        category_names=None if category_names is None else tuple(category_names),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Parsing helpers
+# --------------------------------------------------------------------------------------
+
+
+def _check_file(path: PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    return path
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid {encoding} text") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    return text
+
+
+def _data_lines(path: Path, encoding: str) -> tuple[list[str], np.ndarray]:
+    """Non-blank lines (without line breaks) and their 1-based line numbers."""
+    lines = _read_text(path, encoding).replace("\r\n", "\n").split("\n")
+    keep = np.fromiter(map(len, map(str.strip, lines)), np.int64, len(lines)) > 0
+    return list(itertools.compress(lines, keep)), np.flatnonzero(keep) + 1
+
+
+def _snippet(line: str) -> str:
+    return repr(line if len(line) <= 60 else line[:57] + "...")
+
+
+def _parses(token: str, dtype: type) -> bool:
+    """Whether ``token`` converts like the vectorised path does (floats must be finite)."""
+    try:
+        value = np.array(token, dtype=dtype)
+    except (ValueError, OverflowError):
+        return False
+    return dtype is np.int64 or bool(np.isfinite(value))
+
+
+def _convert(
+    tokens: list[str],
+    dtype: type,
+    what: str,
+    path: Path,
+    line_of: Callable[[int], int],
+) -> np.ndarray:
+    """Convert string tokens to ``dtype``; on failure name the first bad token's line."""
+    try:
+        out = np.array(tokens, dtype=dtype)
+        if dtype is np.int64 or np.isfinite(out).all():
+            return out
+    except (ValueError, OverflowError):
+        pass
+    k = next(k for k, token in enumerate(tokens) if not _parses(token, dtype))
+    kind = "an integer" if dtype is np.int64 else "a finite number"
+    raise DataError(f"{path}:{line_of(k)}: {what} {tokens[k]!r} is not {kind}")
+
+
+def _split_fields(
+    path: Path, lines: list[str], linenos: np.ndarray, sep: str, nfields: int
+) -> list[list[str]]:
+    """Columns of a ``sep``-separated file whose every line has exactly ``nfields`` fields."""
+    counts = np.fromiter(map(str.count, lines, itertools.repeat(sep)), np.int64, len(lines))
+    bad = np.flatnonzero(counts != nfields - 1)
+    if bad.size:
+        k = bad[0]
+        raise DataError(
+            f"{path}:{linenos[k]}: expected {nfields} {sep!r}-separated fields, "
+            f"got {counts[k] + 1}: {_snippet(lines[k])}"
+        )
+    flat = sep.join(lines).split(sep)
+    return [flat[j::nfields] for j in range(nfields)]
+
+
+def _ints_or_strings(tokens: list[str]) -> np.ndarray:
+    """Integer ids when every token is an integer (numeric order), else strings."""
+    try:
+        return np.array(tokens, dtype=np.int64)
+    except (ValueError, OverflowError):
+        return np.array(tokens, dtype=str)
+
+
+# --------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------
+
+
+def load_seqtxt(path: PathLike, *, kcore: int = 0, min_len: int = 3) -> SequenceDataset:
+    """Load a ``user item item ...`` file (one user a line, integer ids, items in time order).
+
+    This is the common sequential-recommendation format (e.g. ``Beauty.txt``). A user listed
+    on several lines gets the lines' items in file order.
+    """
+    path = _check_file(path)
+    lines, linenos = _data_lines(path, "utf-8")
+    fields = [line.split() for line in lines]
+    lengths = np.fromiter(map(len, fields), np.int64, len(fields))
+    short = np.flatnonzero(lengths < 2)
+    if short.size:
+        k = short[0]
+        raise DataError(
+            f"{path}:{linenos[k]}: expected a user id followed by item ids: {_snippet(lines[k])}"
+        )
+    starts = np.cumsum(lengths) - lengths
+    flat = list(itertools.chain.from_iterable(fields))
+    line_of = lambda k: int(linenos[np.searchsorted(starts, k, side="right") - 1])  # noqa: E731
+    ids = _convert(flat, np.int64, "id", path, line_of)
+    is_item = np.ones(ids.size, bool)
+    is_item[starts] = False
+    users = np.repeat(ids[starts], lengths - 1)
+    items = ids[is_item]
+    return _build(
+        path.stem, users, items, np.arange(items.size), source=str(path), kcore=kcore,
+        min_len=min_len,
+    )
+
+
+def _movielens_files(path: Path) -> tuple[Path, str, Path | None, Path | None]:
+    """(ratings file, separator, item file, genre file) of a MovieLens directory or file."""
+    if path.is_dir():
+        for ratings, sep in (("u.data", "\t"), ("ratings.dat", "::")):
+            if (path / ratings).is_file():
+                path = path / ratings
+                break
+        else:
+            raise DataError(f"{path}: no u.data or ratings.dat in this directory")
+    path = _check_file(path)
+    with open(path, encoding="latin-1") as f:
+        first = f.readline()
+    sep = "::" if "::" in first else "\t"
+    folder = path.parent
+    if sep == "\t":
+        items, genres = folder / "u.item", folder / "u.genre"
+        if items.is_file() and genres.is_file():
+            return path, sep, items, genres
+    elif (folder / "movies.dat").is_file():
+        return path, sep, folder / "movies.dat", None
+    return path, sep, None, None
+
+
+def _incidence(ids: list[int], rows: list[int], cols: list[int], num_cols: int):
+    """Sorted item-id keys and their (len(ids), num_cols) 0/1 CSR incidence matrix."""
+    ids_arr = np.asarray(ids, np.int64)
+    order = np.argsort(ids_arr, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    table = sp.csr_matrix(
+        (np.ones(len(rows), np.float32), (rank[np.asarray(rows, np.int64)], cols)),
+        shape=(ids_arr.size, num_cols),
+    )
+    table.sum_duplicates()
+    table.data[:] = 1.0
+    return ids_arr[order], table
+
+
+def _parse_u_item(items: Path, genres: Path):
+    """Genres of ml-100k: names from ``u.genre``, 0/1 flags from the last columns of ``u.item``."""
+    index: dict[int, str] = {}
+    lines, linenos = _data_lines(genres, "latin-1")
+    for line, no in zip(lines, linenos):
+        name, _, idx = line.rpartition("|")
+        if not name or not idx.strip().isdigit():
+            raise DataError(f"{genres}:{no}: expected 'name|index': {_snippet(line)}")
+        index[int(idx)] = name
+    if sorted(index) != list(range(len(index))):
+        raise DataError(f"{genres}: genre indices must be 0..{len(index) - 1}")
+    names = tuple(index[i] for i in range(len(index)))
+
+    ids, rows, cols = [], [], []
+    lines, linenos = _data_lines(items, "latin-1")
+    for row, (line, no) in enumerate(zip(lines, linenos)):
+        fields = line.split("|")
+        flags = fields[-len(names):]
+        if len(fields) < len(names) + 2 or not fields[0].strip().isdigit() or any(
+            f not in ("0", "1") for f in flags
+        ):
+            raise DataError(
+                f"{items}:{no}: expected 'id|title|...|' and {len(names)} 0/1 genre flags: "
+                f"{_snippet(line)}"
+            )
+        ids.append(int(fields[0]))
+        hits = [j for j, f in enumerate(flags) if f == "1"]
+        rows += [row] * len(hits)
+        cols += hits
+    return (*_incidence(ids, rows, cols, len(names)), names)
+
+
+def _parse_movies_dat(items: Path):
+    """Genres of ml-1m-style ``movies.dat`` (``id::title::A|B``); names sorted."""
+    ids, genre_lists = [], []
+    lines, linenos = _data_lines(items, "latin-1")
+    for line, no in zip(lines, linenos):
+        head, _, genres = line.rpartition("::")
+        movie_id = head.split("::", 1)[0].strip()
+        if "::" not in head or not movie_id.isdigit():
+            raise DataError(f"{items}:{no}: expected 'id::title::genres': {_snippet(line)}")
+        ids.append(int(movie_id))
+        genres = genres.strip().split("|")
+        genre_lists.append([g for g in genres if g and g != "(no genres listed)"])
+    names = tuple(sorted(set(itertools.chain.from_iterable(genre_lists))))
+    col = {name: j for j, name in enumerate(names)}
+    rows = [r for r, gs in enumerate(genre_lists) for _ in gs]
+    cols = [col[g] for gs in genre_lists for g in gs]
+    return (*_incidence(ids, rows, cols, len(names)), names)
+
+
+def load_movielens(path: PathLike, *, kcore: int = 0, min_len: int = 3) -> SequenceDataset:
+    """Load MovieLens: a directory (``u.data`` or ``ratings.dat``) or the ratings file itself.
+
+    Every rating counts as an interaction. Each user's ratings are ordered by timestamp, ties
+    by file order. Genres become ``item_categories`` when the item file is beside the ratings
+    (``u.item`` + ``u.genre``, or ``movies.dat``). The data set is named after the folder.
+    """
+    ratings, sep, items_file, genres_file = _movielens_files(Path(path))
+    lines, linenos = _data_lines(ratings, "latin-1")
+    user, item, _, ts = _split_fields(ratings, lines, linenos, sep, 4)
+    line_of = lambda k: int(linenos[k])  # noqa: E731
+    users = _convert(user, np.int64, "user id", ratings, line_of)
+    items = _convert(item, np.int64, "item id", ratings, line_of)
+    times = _convert(ts, np.float64, "timestamp", ratings, line_of)
+    categories = names = None
+    if items_file is not None:
+        if genres_file is not None:
+            keys, table, names = _parse_u_item(items_file, genres_file)
+        else:
+            keys, table, names = _parse_movies_dat(items_file)
+        categories = (keys, table)
+    return _build(
+        ratings.resolve().parent.name, users, items, times, source=str(ratings), kcore=kcore,
+        min_len=min_len, categories=categories, category_names=names,
+    )
+
+
+def _is_number(token: str) -> bool:
+    try:
+        return bool(np.isfinite(float(token)))
+    except ValueError:
+        return False
+
+
+def load_csv(path: PathLike, *, kcore: int = 0, min_len: int = 3) -> SequenceDataset:
+    """Load a ``user,item,timestamp`` CSV (standard quoting; optional header line).
+
+    The first line is a header when its timestamp field is not a number. Ids are integers
+    (ordered numerically) when every id of the column is an integer, otherwise arbitrary
+    strings (ordered lexicographically). Timestamps are numbers; ties keep file order.
+    """
+    path = _check_file(path)
+    text = _read_text(path, "utf-8-sig")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, linenos = [], []
+    for row in reader:
+        if row and any(field.strip() for field in row):
+            rows.append(row)
+            linenos.append(reader.line_num)
+    if rows and len(rows[0]) == 3 and not _is_number(rows[0][2]):
+        rows, linenos = rows[1:], linenos[1:]
+    if not rows:
+        raise DataError(f"{path}: file is empty (no data lines)")
+    widths = np.fromiter(map(len, rows), np.int64, len(rows))
+    bad = np.flatnonzero(widths != 3)
+    if bad.size:
+        k = bad[0]
+        raise DataError(
+            f"{path}:{linenos[k]}: expected 3 comma-separated fields (user,item,timestamp), "
+            f"got {widths[k]}"
+        )
+    user, item, ts = map(list, zip(*rows))
+    times = _convert(ts, np.float64, "timestamp", path, lambda k: linenos[k])
+    return _build(
+        path.stem, _ints_or_strings(user), _ints_or_strings(item), times, source=str(path),
+        kcore=kcore, min_len=min_len,
+    )
+
+
+def synthetic(
+    num_users: int = 2000,
+    num_items: int = 500,
+    num_clusters: int = 20,
+    seq_len: tuple[int, int] = (8, 30),
+    seed: int = 0,
+    *,
+    p_successor: float = 0.5,
+    p_cluster: float = 0.3,
+    p_noise: float = 0.1,
+    zipf: float = 0.8,
+    kcore: int = 0,
+    min_len: int = 3,
+) -> SequenceDataset:
+    """A deterministic data set with planted cluster structure (``item_categories`` = clusters).
+
+    Items are split at random into ``num_clusters`` equal clusters, each with a cyclic item
+    order; popularity is Zipf-like (weight ``rank ** -zipf``). Every user prefers one or two
+    clusters and starts in one. Each next item is: with ``p_successor`` the current item's
+    successor in its cluster's order; with ``p_cluster`` a popularity-weighted item of the
+    current item's cluster; with ``p_noise`` a popularity-weighted item of any cluster;
+    otherwise a popularity-weighted item of one of the user's preferred clusters. Sequence
+    lengths are uniform in ``seq_len`` (inclusive). Items that never occur are dropped.
+    """
+    lo, hi = seq_len
+    if not 1 <= num_clusters <= num_items:
+        raise ValueError("need 1 <= num_clusters <= num_items")
+    if not min_len <= lo <= hi:
+        raise ValueError(f"need min_len <= seq_len[0] <= seq_len[1], got {seq_len}")
+    if min(p_successor, p_cluster, p_noise) < 0 or p_successor + p_cluster + p_noise > 1:
+        raise ValueError("transition probabilities must be >= 0 and sum to at most 1")
+    rng = np.random.default_rng(seed)
+
+    # Cluster c holds the items perm[bounds[c]:bounds[c+1]], in that (cyclic) order.
+    perm = rng.permutation(num_items) + 1
+    bounds = np.arange(num_clusters + 1) * num_items // num_clusters
+    cluster_at = np.repeat(np.arange(num_clusters), np.diff(bounds))
+    cluster_of = np.empty(num_items + 1, np.int64)
+    cluster_of[perm] = cluster_at
+    next_pos = np.arange(1, num_items + 1)
+    next_pos[bounds[1:] - 1] = bounds[:-1]
+    successor = np.empty(num_items + 1, np.int64)
+    successor[perm] = perm[next_pos]
+
+    weight = (rng.permutation(num_items) + 1.0) ** -zipf  # weight of perm[k]
+    global_cdf = np.cumsum(weight) / weight.sum()
+    cluster_sums = np.add.reduceat(weight, bounds[:-1])
+    within = np.cumsum(weight) - np.repeat(np.cumsum(cluster_sums) - cluster_sums, np.diff(bounds))
+    cluster_cdf = cluster_at + within / np.repeat(cluster_sums, np.diff(bounds))
+
+    def in_cluster(c: np.ndarray) -> np.ndarray:
+        k = np.searchsorted(cluster_cdf, c + rng.random(c.size), side="right")
+        return perm[np.clip(k, bounds[c], bounds[c + 1] - 1)]
+
+    def anywhere(n: int) -> np.ndarray:
+        k = np.searchsorted(global_cdf, rng.random(n), side="right")
+        return perm[np.minimum(k, num_items - 1)]
+
+    first = rng.integers(num_clusters, size=num_users)
+    second = (first + 1 + rng.integers(max(num_clusters - 1, 1), size=num_users)) % num_clusters
+    second = np.where((rng.random(num_users) < 0.5) | (num_clusters == 1), first, second)
+    lengths = rng.integers(lo, hi + 1, size=num_users)
+
+    seqs = np.empty((num_users, hi), np.int64)
+    seqs[:, 0] = in_cluster(first)
+    cut = np.cumsum([p_successor, p_cluster, p_noise])
+    for t in range(1, hi):
+        cur = seqs[:, t - 1]
+        move = np.searchsorted(cut, rng.random(num_users), side="right")
+        preferred = np.where(rng.random(num_users) < 0.5, first, second)
+        seqs[:, t] = np.select(
+            [move == 0, move == 1, move == 2],
+            [successor[cur], in_cluster(cluster_of[cur]), anywhere(num_users)],
+            in_cluster(preferred),
+        )
+
+    mask = np.arange(hi) < lengths[:, None]
+    users = np.repeat(np.arange(num_users), lengths)
+    one_hot = sp.csr_matrix(
+        (np.ones(num_items, np.float32), (np.arange(num_items), cluster_of[1:])),
+        shape=(num_items, num_clusters),
+    )
+    return _build(
+        "synthetic", users, seqs[mask], np.arange(users.size), source="synthetic",
+        kcore=kcore, min_len=min_len,
+        categories=(np.arange(1, num_items + 1), one_hot),
+        category_names=[f"cluster{c}" for c in range(num_clusters)],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Entry point with caching
+# --------------------------------------------------------------------------------------
+
+
+def _fingerprint(fmt: str, path: Path, kcore: int, min_len: int) -> str:
+    """Hash of the format, absolute path, size and mtime of the input(s) and the filters."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = [_CACHE_VERSION, fmt, str(path.resolve()), stamp, kcore, min_len]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def _cache_name(fmt: str, path: Path) -> str:
+    if fmt == "movielens":
+        return (path if path.is_dir() else path.parent).resolve().name
+    return path.stem
+
+
+def load_dataset(
+    fmt: str,
+    path: PathLike | None = None,
+    *,
+    cache_dir: PathLike | None = None,
+    kcore: int = 0,
+    min_len: int = 3,
+    **kwargs,
+) -> SequenceDataset:
+    """Load a data set of format ``fmt`` (one of :data:`FORMATS`) from ``path``.
+
+    With ``cache_dir`` the processed data set is stored as ``<cache_dir>/<name>-<hash>.npz``
+    (the hash covers format, absolute path, size and mtime of the input, ``kcore`` and
+    ``min_len``) and later calls read it instead of re-parsing. ``"synthetic"`` ignores
+    ``path`` and ``cache_dir`` and forwards ``kwargs`` to :func:`synthetic`.
+    """
+    loaders = {"seqtxt": load_seqtxt, "movielens": load_movielens, "csv": load_csv}
+    if fmt == "synthetic":
+        return synthetic(kcore=kcore, min_len=min_len, **kwargs)
+    if fmt not in loaders:
+        raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if kwargs:
+        raise TypeError(f"format {fmt!r} takes no options {sorted(kwargs)}")
+    if path is None:
+        raise DataError(f"format {fmt!r} needs a path")
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    load = lambda: loaders[fmt](path, kcore=kcore, min_len=min_len)  # noqa: E731
+    if cache_dir is None:
+        return load()
+
+    cache_dir = Path(cache_dir)
+    cache = cache_dir / f"{_cache_name(fmt, path)}-{_fingerprint(fmt, path, kcore, min_len)}.npz"
+    if cache.is_file():
+        try:
+            return SequenceDataset.load(cache)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # unreadable cache: rebuild it
+    dataset = load()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dataset.save(cache)
+    return dataset

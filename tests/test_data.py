@@ -1,0 +1,303 @@
+"""Tests for sevo_jax.data: loaders, filtering, the leave-one-out split, caching, errors."""
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sevo_jax import data
+from sevo_jax.data import DataError, SequenceDataset
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BEAUTY = DATA / "amazon-beauty" / "Beauty.txt"
+ML100K = DATA / "ml-100k"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not available at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def beauty() -> SequenceDataset:
+    return data.load_seqtxt(_need(BEAUTY))
+
+
+@pytest.fixture(scope="module")
+def ml100k() -> SequenceDataset:
+    return data.load_movielens(_need(ML100K))
+
+
+@pytest.fixture(scope="module")
+def synth() -> SequenceDataset:
+    return data.synthetic()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _all_interactions(ds: SequenceDataset) -> tuple[np.ndarray, np.ndarray]:
+    users, items = ds.train_pairs()
+    every = np.arange(ds.num_users, dtype=np.int32)
+    return np.concatenate([users, every, every]), np.concatenate([items, ds.valid, ds.test])
+
+
+def _full_sequences(ds: SequenceDataset) -> list[list[int]]:
+    return [
+        [*seq.tolist(), int(v), int(t)]
+        for seq, v, t in zip(ds.train_sequences(), ds.valid, ds.test)
+    ]
+
+
+def _check_invariants(ds: SequenceDataset) -> None:
+    assert ds.train_items.dtype == np.int32 and ds.train_offsets.dtype == np.int64
+    assert ds.valid.dtype == np.int32 and ds.test.dtype == np.int32
+    assert ds.train_offsets.shape == (ds.num_users + 1,) and ds.train_offsets[0] == 0
+    assert ds.train_offsets[-1] == ds.train_items.size
+    assert (ds.train_lengths() >= 1).all()
+    _, items = _all_interactions(ds)
+    assert items.min() >= 1 and items.max() <= ds.num_items  # padding 0 never used
+    assert np.unique(items).size == ds.num_items  # every item id occurs
+
+
+# -- real data ---------------------------------------------------------------------------
+
+
+def test_beauty_counts_and_ids(beauty):
+    assert beauty.name == "Beauty"
+    assert beauty.stats()["users"] == 22363
+    assert beauty.stats()["items"] == 12101
+    assert beauty.stats()["interactions"] == 198502
+    _check_invariants(beauty)
+    # The file's first line is "1 1 2 3 4 5": contiguous ids are kept as they are.
+    first = BEAUTY.read_text().split("\n", 1)[0].split()
+    assert _full_sequences(beauty)[0] == [int(x) for x in first[1:]]
+
+
+def test_ml100k_counts_genres_and_time_order(ml100k):
+    assert (ml100k.num_users, ml100k.num_items) == (943, 1682)
+    assert ml100k.stats()["interactions"] == 100000
+    _check_invariants(ml100k)
+    assert len(ml100k.category_names) == 19 and ml100k.item_categories.shape == (1683, 19)
+    assert ml100k.item_categories[0].nnz == 0
+    toy_story = ml100k.item_categories[1].indices
+    assert {ml100k.category_names[j] for j in toy_story} == {"Animation", "Children's", "Comedy"}
+
+    # Reference order: Python's stable sort by timestamp, ties in file order.
+    ratings = defaultdict(list)
+    for line in (ML100K / "u.data").read_text().splitlines():
+        user, item, _, ts = map(int, line.split("\t"))
+        ratings[user].append((ts, item))
+    by_time = {u: sorted(rows, key=lambda r: r[0]) for u, rows in ratings.items()}
+    expected = [[item for _, item in by_time[u]] for u in sorted(by_time)]
+    assert _full_sequences(ml100k) == expected
+
+
+def test_movielens_accepts_the_ratings_file(ml100k):
+    assert data.load_movielens(ML100K / "u.data") == ml100k
+
+
+# -- builder: split, remapping, filtering --------------------------------------------------
+
+
+def test_split_is_chronological_with_stable_ties(tmp_path):
+    path = _write(
+        tmp_path / "log.csv",
+        "user,item,timestamp\n"
+        "bob,z,5\nalice,x,3\nbob,y,1\nalice,w,3\nalice,v,1\nbob,x,5\nalice,z,2\ncarol,x,1\n",
+    )
+    ds = data.load_csv(path)
+    assert ds.name == "log" and (ds.num_users, ds.num_items) == (2, 5)  # carol is too short
+    # Items sorted by raw id: v=1, w=2, x=3, y=4, z=5; users: alice=0, bob=1.
+    assert _full_sequences(ds) == [[1, 5, 3, 2], [4, 5, 3]]
+    assert ds.valid.tolist() == [3, 5] and ds.test.tolist() == [2, 3]
+    assert [s.tolist() for s in ds.train_sequences()] == [[1, 5], [4]]
+    _check_invariants(ds)
+
+
+def test_csv_without_header_and_integer_ids(tmp_path):
+    path = _write(tmp_path / "log.csv", "10,9,1\n10,10,2\n10,100,3\n2,9,1.5\n2,10,0.5\n2,9,9\n")
+    ds = data.load_csv(path)
+    # Integer ids are ordered numerically (9 < 10 < 100), not as strings.
+    assert _full_sequences(ds) == [[2, 1, 1], [1, 2, 3]]
+
+
+def test_seqtxt_remaps_sorted_raw_ids(tmp_path):
+    path = _write(tmp_path / "seq.txt", "7 30 10 20\n\n3 20 20 40 10\n9 5 6\n")
+    ds = data.load_seqtxt(path)
+    assert ds.num_users == 2 and ds.num_items == 4  # user 9 is too short; items 10,20,30,40
+    assert _full_sequences(ds) == [[2, 2, 4, 1], [3, 1, 2]]
+
+
+def test_train_pairs_and_seen_items(synth):
+    users, items = synth.train_pairs()
+    assert users.dtype == np.int32 and users.size == items.size == synth.train_items.size
+    for u in (0, 17, synth.num_users - 1):
+        assert items[users == u].tolist() == synth.train_sequences()[u].tolist()
+    seen_valid, seen_test = synth.seen_items("valid"), synth.seen_items("test")
+    assert seen_valid.shape == (synth.num_users, synth.num_items + 1)
+    for u in (0, 17):
+        assert set(seen_valid[u].indices) == set(synth.train_sequences()[u].tolist())
+        assert set(seen_test[u].indices) == set(seen_valid[u].indices) | {int(synth.valid[u])}
+    assert seen_valid[:, 0].nnz == 0
+    with pytest.raises(ValueError, match="split"):
+        synth.seen_items("train")
+
+
+@pytest.mark.parametrize("k", [5, 10])
+def test_kcore_leaves_k_interactions_everywhere(k):
+    ds = data.load_movielens(_need(ML100K), kcore=k) if k == 10 else data.synthetic(kcore=k)
+    users, items = _all_interactions(ds)
+    assert np.bincount(users).min() >= k
+    assert np.bincount(items, minlength=ds.num_items + 1)[1:].min() >= k
+    _check_invariants(ds)
+
+
+def test_kcore_iterates_until_stable(tmp_path):
+    # Dropping item 9 (2 uses) leaves user 2 with 2 items, which then drops item 5 below 3.
+    path = _write(tmp_path / "s.txt", "1 1 2 3 4\n2 9 5 9 6\n3 1 2 3 5 4 6\n4 1 2 3 4 5 6\n")
+    ds = data.load_seqtxt(path, kcore=3)
+    assert ds.num_users == 3 and ds.num_items == 4  # items 1,2,3,4 survive
+    users, items = _all_interactions(ds)
+    assert np.bincount(users).min() >= 3 and np.bincount(items)[1:].min() >= 3
+
+
+def test_no_user_left_is_an_error(tmp_path):
+    path = _write(tmp_path / "tiny.txt", "1 1 2\n2 3 4\n")
+    with pytest.raises(DataError, match=r"tiny\.txt: no user left"):
+        data.load_seqtxt(path)
+
+
+def test_min_len_below_three_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="min_len"):
+        data.load_seqtxt(_write(tmp_path / "s.txt", "1 1 2 3\n"), min_len=2)
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, text, line, pattern",
+    [
+        ("bad.txt", "1 1 2 3\n\n2 4 x 6\n", 3, "'x' is not an integer"),
+        ("bad.txt", "1 1 2 3\n2\n", 2, "user id followed by item ids"),
+        ("u.data", "1\t2\t5\t100\n1\t3\t4\n", 2, "expected 4"),
+        ("u.data", "1\t2\t5\t100\n\n1\t3.5\t4\t7\n", 3, "item id '3.5' is not an integer"),
+        ("u.data", "1\t2\t5\t100\n1\t3\t4\tlate\n", 2, "timestamp 'late' is not a finite number"),
+        ("ratings.dat", "1::2::5::100\n1::3::4::nan\n", 2, "timestamp 'nan'"),
+        ("log.csv", "u,i,t\na,b,1\na,b\n", 3, "expected 3"),
+        ("log.csv", "a,b,1\na,c,x\n", 2, "timestamp 'x'"),
+    ],
+)
+def test_malformed_line_names_file_and_line(tmp_path, name, text, line, pattern):
+    path = _write(tmp_path / name, text)
+    loader = {"bad.txt": data.load_seqtxt, "log.csv": data.load_csv}.get(name, data.load_movielens)
+    with pytest.raises(DataError, match=pattern) as info:
+        loader(path)
+    message = str(info.value)
+    assert "\n" not in message and f"{name}:{line}:" in message
+
+
+def test_missing_and_empty_files(tmp_path):
+    for loader in (data.load_seqtxt, data.load_movielens, data.load_csv):
+        with pytest.raises(DataError, match=r"nowhere\.txt: not found"):
+            loader(tmp_path / "nowhere.txt")
+    with pytest.raises(DataError, match=r"no u\.data or ratings\.dat"):
+        data.load_movielens(tmp_path)
+    empty = _write(tmp_path / "empty.txt", "\n  \n")
+    with pytest.raises(DataError, match=r"empty\.txt: file is empty"):
+        data.load_seqtxt(empty)
+    with pytest.raises(DataError, match=r"head\.csv: file is empty"):
+        data.load_csv(_write(tmp_path / "head.csv", "user,item,timestamp\n"))
+    with pytest.raises(DataError, match="not found"):
+        data.load_dataset("seqtxt", tmp_path / "nowhere.txt")
+
+
+def test_unknown_format():
+    with pytest.raises(DataError, match=r"unknown format 'parquet'; expected one of seqtxt"):
+        data.load_dataset("parquet", "x.parquet")
+
+
+# -- caching -----------------------------------------------------------------------------
+
+
+def test_cache_is_used_on_the_second_call(tmp_path, monkeypatch):
+    src = _write(tmp_path / "seq.txt", "1 1 2 3 4\n2 2 3 4\n3 4 3 2 1\n")
+    cache = tmp_path / "cache"
+    first = data.load_dataset("seqtxt", src, cache_dir=cache)
+    files = list(cache.glob("seq-*.npz"))
+    assert len(files) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("parsed again instead of reading the cache")
+
+    monkeypatch.setattr(data, "load_seqtxt", fail)
+    assert data.load_dataset("seqtxt", src, cache_dir=cache) == first
+    with pytest.raises(AssertionError, match="parsed again"):  # other filters: other cache key
+        data.load_dataset("seqtxt", src, cache_dir=cache, min_len=4)
+    monkeypatch.undo()
+
+    _write(src, "1 1 2 3 4\n2 2 3 4 5\n")  # a changed file is parsed again
+    changed = data.load_dataset("seqtxt", src, cache_dir=cache)
+    assert changed != first and changed.num_items == 5
+    assert len(list(cache.glob("seq-*.npz"))) == 2
+
+
+def test_cache_for_real_movielens(tmp_path, ml100k):
+    _need(ML100K)
+    first = data.load_dataset("movielens", ML100K, cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("ml-100k-*.npz")
+    again = data.load_dataset("movielens", ML100K, cache_dir=tmp_path)
+    assert first == again == ml100k and again.category_names == ml100k.category_names
+    assert list(tmp_path.glob("ml-100k-*.npz")) == [cached]
+
+
+# -- synthetic ---------------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic_and_cheap():
+    start = time.perf_counter()
+    a = data.synthetic(seed=3)
+    assert time.perf_counter() - start < 1.0
+    assert a == data.synthetic(seed=3)
+    assert a != data.synthetic(seed=4)
+    assert data.load_dataset("synthetic", None, num_users=300, seed=3) == data.synthetic(
+        num_users=300, seed=3
+    )
+
+
+def test_synthetic_has_planted_cluster_structure(synth):
+    _check_invariants(synth)
+    assert (synth.num_users, synth.num_items) == (2000, 500)
+    lengths = np.array([len(s) for s in _full_sequences(synth)])
+    assert lengths.min() >= 8 and lengths.max() <= 30
+    cats = synth.item_categories
+    assert cats.shape == (501, 20) and cats[0].nnz == 0
+    assert (np.diff(cats.indptr)[1:] == 1).all()  # one cluster per item
+    cluster = np.concatenate([[-1], cats.indices])  # cluster of item i is cluster[i]
+    seqs = map(np.array, _full_sequences(synth))
+    same = [np.mean(cluster[s[1:]] == cluster[s[:-1]]) for s in seqs]
+    assert np.mean(same) > 0.6  # chance level is 1/20
+    popularity = np.sort(np.bincount(_all_interactions(synth)[1]))[::-1]
+    assert popularity[:50].sum() > 2 * popularity[-50:].sum()  # skewed, Zipf-like
+
+
+# -- persistence -------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path, synth):
+    path = tmp_path / "synth.npz"
+    synth.save(path)
+    loaded = SequenceDataset.load(path)
+    assert loaded == synth and loaded.category_names == synth.category_names
+    assert loaded.train_items.dtype == np.int32 and loaded.item_categories.dtype == np.float32
+
+    plain = data.load_seqtxt(_write(tmp_path / "s.txt", "1 1 2 3\n2 3 2 1 4\n"))
+    plain.save(tmp_path / "plain.npz")
+    again = SequenceDataset.load(tmp_path / "plain.npz")
+    assert again == plain and again.item_categories is None and again.category_names is None
