@@ -1,0 +1,316 @@
+"""Shape, masking, parameter-layout and loss checks for the recommendation models."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sevo_jax.models import (
+    GRU4Rec,
+    MFBPR,
+    SASRec,
+    bpr_loss,
+    sasrec_loss,
+    sevo_mask,
+)
+
+NUM_ITEMS, D = 30, 16
+
+
+def left_pad(items, length):
+    return jnp.array([[0] * (length - len(row)) + list(row) for row in items], jnp.int32)
+
+
+def right_pad(items, length):
+    return jnp.array([list(row) + [0] * (length - len(row)) for row in items], jnp.int32)
+
+
+def paths(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
+
+
+def build(model, example):
+    """(model, params, forward): jitted init and deterministic forward keep the tests fast."""
+    params = jax.jit(functools.partial(model.init, deterministic=True))(jax.random.key(0), example)
+    apply = jax.jit(functools.partial(model.apply, deterministic=True))
+    return model, params["params"], lambda p, seqs: apply({"params": p}, seqs)
+
+
+@pytest.fixture(scope="module")
+def sasrec():
+    model = SASRec(NUM_ITEMS, maxlen=20, features=D, num_blocks=2, num_heads=2, dropout=0.3)
+    return build(model, jnp.ones((2, 20), jnp.int32))
+
+
+@pytest.fixture(scope="module")
+def gru4rec():
+    return build(GRU4Rec(NUM_ITEMS, features=D, dropout=0.4), jnp.ones((2, 6), jnp.int32))
+
+
+# ------------------------------------------------------------------------------------ SASRec
+
+
+def test_sasrec_shapes_and_param_paths(sasrec):
+    model, params, forward = sasrec
+    assert params["item_embedding"]["embedding"].shape == (NUM_ITEMS + 1, D)
+    assert params["position_embedding"]["embedding"].shape == (20, D)
+    assert sum("item_embedding" in p for p in paths(params)) == 1
+
+    seqs = left_pad([[1, 2, 3], [4, 5, 6, 7, 8]], 20)
+    hidden = forward(params, seqs)
+    assert hidden.shape == (2, 20, D)
+    scores = model.apply({"params": params}, hidden[:, -1], method=SASRec.score_all)
+    assert scores.shape == (2, NUM_ITEMS + 1)
+    items = jnp.array([[3, 9, 1], [2, 2, 30]])
+    picked = model.apply({"params": params}, hidden[:, -1], items, method=SASRec.score)
+    np.testing.assert_allclose(picked, jnp.take_along_axis(scores, items, 1), rtol=1e-5)
+    per_position = model.apply(
+        {"params": params}, hidden, seqs[..., None], method=SASRec.score
+    )
+    assert per_position.shape == (2, 20, 1)
+
+
+def test_sasrec_is_causal(sasrec):
+    model, params, forward = sasrec
+    a = left_pad([[1, 2, 3, 4, 5, 6]], 20)
+    b = a.at[0, -1].set(17).at[0, -2].set(23)
+    ha = forward(params, a)
+    hb = forward(params, b)
+    np.testing.assert_allclose(ha[:, :-2], hb[:, :-2], atol=1e-6)
+    assert not np.allclose(ha[:, -1], hb[:, -1])
+
+
+def test_sasrec_padding_invariance(sasrec):
+    model, params, forward = sasrec
+    items = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    short = forward(params, left_pad(items, 10))
+    full = forward(params, left_pad(items, 20))
+    np.testing.assert_allclose(short[:, -1], full[:, -1], atol=1e-5)
+    np.testing.assert_allclose(short[:, -5:], full[:, -5:], atol=1e-5)
+
+
+def test_sasrec_rejects_sequences_longer_than_maxlen(sasrec):
+    _, params, forward = sasrec
+    with pytest.raises(ValueError, match="maxlen"):
+        forward(params, jnp.ones((1, 21), jnp.int32))
+
+
+def test_sasrec_all_padding_row_is_finite(sasrec):
+    _, params, forward = sasrec
+    seqs = jnp.concatenate([jnp.zeros((1, 20), jnp.int32), left_pad([[1, 2]], 20)])
+    assert np.isfinite(forward(params, seqs)).all()
+
+
+def test_sasrec_dropout_only_in_training(sasrec):
+    model, params, forward = sasrec
+    seqs = left_pad([[1, 2, 3, 4], [5, 6]], 20)
+    train = jax.jit(
+        lambda key: model.apply(
+            {"params": params}, seqs, deterministic=False, rngs={"dropout": key}
+        )
+    )
+    assert not np.allclose(train(jax.random.key(0)), forward(params, seqs))
+    assert not np.allclose(train(jax.random.key(0)), train(jax.random.key(1)))
+
+
+# ----------------------------------------------------------------------------------- GRU4Rec
+
+
+def test_gru4rec_shapes_and_param_paths(gru4rec):
+    model, params, forward = gru4rec
+    assert params["item_embedding"]["embedding"].shape == (NUM_ITEMS + 1, D)
+    assert sum("item_embedding" in p for p in paths(params)) == 1
+    user = forward(params, left_pad([[1, 2], [3, 4, 5]], 6))
+    assert user.shape == (2, D)
+    scores = model.apply({"params": params}, user, method=GRU4Rec.score_all)
+    assert scores.shape == (2, NUM_ITEMS + 1)
+    picked = model.apply({"params": params}, user, jnp.array([[1], [7]]), method=GRU4Rec.score)
+    np.testing.assert_allclose(picked[:, 0], scores[jnp.arange(2), jnp.array([1, 7])], rtol=1e-5)
+
+
+def test_gru4rec_gru_has_no_bias(gru4rec):
+    _, params, _ = gru4rec
+    gru_paths = paths(params["gru"])
+    assert gru_paths and not any("bias" in p for p in gru_paths)
+
+
+def test_gru4rec_left_and_right_padding_agree(gru4rec):
+    model, params, forward = gru4rec
+    items = [[5, 3, 8], [1], [2, 9, 4, 4, 7, 6]]
+    left = forward(params, left_pad(items, 6))
+    right = forward(params, right_pad(items, 6))
+    longer = forward(params, left_pad(items, 9))
+    np.testing.assert_allclose(left, right, atol=1e-6)
+    np.testing.assert_allclose(left, longer, atol=1e-6)
+
+
+def test_gru4rec_matches_reference_gru(gru4rec):
+    """The bias-free GRU equations of torch.nn.GRU(bias=False), then the dense layer."""
+    model, params, forward = gru4rec
+    seq = [4, 2, 7]
+    emb = np.asarray(params["item_embedding"]["embedding"])
+    w_i = np.asarray(params["gru"]["cell"]["input"]["kernel"])
+    w_h = np.asarray(params["gru"]["cell"]["recurrent"]["kernel"])
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    h = np.zeros(D)
+    for item in seq:
+        xr, xz, xn = np.split(emb[item] @ w_i, 3)
+        hr, hz, hn = np.split(h @ w_h, 3)
+        r, z = sigmoid(xr + hr), sigmoid(xz + hz)
+        h = (1 - z) * np.tanh(xn + r * hn) + z * h
+    expected = h @ np.asarray(params["dense"]["kernel"]) + np.asarray(params["dense"]["bias"])
+    got = forward(params, left_pad([seq, seq], 6))
+    np.testing.assert_allclose(got[0], expected, atol=1e-5)
+
+
+def test_gru4rec_all_padding_row_is_finite(gru4rec):
+    model, params, forward = gru4rec
+    user = forward(params, jnp.zeros((2, 6), jnp.int32))
+    assert np.isfinite(user).all()
+    np.testing.assert_allclose(user[0], params["dense"]["bias"], atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------- MFBPR
+
+
+def test_mfbpr_tables_and_flatten_order():
+    model = MFBPR(num_users=7, num_items=NUM_ITEMS, features=D)
+    params = model.init(jax.random.key(2), jnp.array([0, 3]))["params"]
+    assert params["table_0_users"]["embedding"].shape == (7, D)
+    assert params["table_1_items"]["embedding"].shape == (NUM_ITEMS + 1, D)
+    leaves = jax.tree_util.tree_leaves(params)
+    assert [leaf.shape for leaf in leaves] == [(7, D), (NUM_ITEMS + 1, D)]
+
+    users = model.apply({"params": params}, jnp.array([0, 3]))
+    np.testing.assert_array_equal(users, params["table_0_users"]["embedding"][jnp.array([0, 3])])
+    scores = model.apply({"params": params}, users, method=MFBPR.score_all)
+    expected = users @ params["table_1_items"]["embedding"].T
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    picked = model.apply({"params": params}, users, jnp.array([[1, 2], [3, 4]]), method=MFBPR.score)
+    np.testing.assert_allclose(picked, expected[:, 1:3].at[1].set(expected[1, 3:5]), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- sevo_mask
+
+
+def test_sevo_mask_selects_only_the_tables(sasrec, gru4rec):
+    for _, params, _ in (sasrec, gru4rec):
+        mask = sevo_mask(params)
+        selected = [p for p, m in zip(paths(params), jax.tree_util.tree_leaves(mask)) if m]
+        assert selected == ["item_embedding/embedding"]
+        assert sevo_mask({"params": params})["params"]["item_embedding"]["embedding"]
+
+    mf = MFBPR(num_users=3, num_items=4, features=2)
+    mf_mask = sevo_mask(mf.init(jax.random.key(0), jnp.array([0]))["params"])
+    assert jax.tree_util.tree_leaves(mf_mask) == [True, True]
+
+
+def test_sevo_mask_drives_optax_masked(sasrec):
+    _, params, _ = sasrec
+    opt = optax.masked(optax.sgd(1.0), sevo_mask(params))
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    assert (updates["item_embedding"]["embedding"] == -1).all()
+    assert (updates["position_embedding"]["embedding"] == 1).all()  # passed through untouched
+
+
+# -------------------------------------------------------------------------------------- losses
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def test_sasrec_loss_hand_computed():
+    pos = jnp.array([[0.0, 2.0, 5.0]])
+    neg = jnp.array([[0.0, -1.0, 5.0]])
+    only_first = sasrec_loss(pos, neg, jnp.array([[True, False, False]]))
+    assert float(only_first) == pytest.approx(2 * math.log(2), rel=1e-6)
+    two = sasrec_loss(pos, neg, jnp.array([[True, True, False]]))
+    second = -log_sigmoid(2.0) - log_sigmoid(1.0)
+    assert float(two) == pytest.approx((2 * math.log(2) + second) / 2, rel=1e-6)
+    assert float(sasrec_loss(pos, neg, jnp.zeros((1, 3), bool))) == 0.0
+    # Stable for large logits.
+    big = sasrec_loss(jnp.array([-100.0]), jnp.array([100.0]), jnp.array([True]))
+    assert float(big) == pytest.approx(200.0, rel=1e-6)
+
+
+def test_bpr_loss_hand_computed():
+    pos, neg = jnp.array([1.0, 0.0, 3.0]), jnp.array([0.0, 0.0, 0.0])
+    expected = (-log_sigmoid(1.0) + math.log(2) - log_sigmoid(3.0)) / 3
+    assert float(bpr_loss(pos, neg)) == pytest.approx(expected, rel=1e-6)
+    masked = bpr_loss(pos, neg, jnp.array([True, True, False]))
+    assert float(masked) == pytest.approx((-log_sigmoid(1.0) + math.log(2)) / 2, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ toy training
+
+
+def _fit(loss_fn, params, steps=25, lr=1e-2):
+    """Runs Adam; returns the losses, after checking every gradient is finite."""
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def step(params, state, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, key)
+        leaves = jax.tree_util.tree_leaves(grads)
+        finite = jnp.all(jnp.array([jnp.isfinite(g).all() for g in leaves]))
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss, finite
+
+    state, losses = opt.init(params), []
+    for i in range(steps):
+        params, state, loss, finite = step(params, state, jax.random.key(i))
+        assert finite
+        losses.append(float(loss))
+    return losses
+
+
+def test_sasrec_trains_on_toy_task(sasrec):
+    model, params, _ = sasrec
+    # The last row is all padding: it must contribute nothing and keep gradients finite.
+    inputs = left_pad([[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12], []], 20)
+    targets = left_pad([[2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12, 13], []], 20)
+    negatives = jnp.where(targets != 0, 20 + targets % 10, 0)
+
+    def loss_fn(p, key):
+        h = model.apply({"params": p}, inputs, deterministic=False, rngs={"dropout": key})
+        both = jnp.stack([targets, negatives], -1)
+        logits = model.apply({"params": p}, h, both, method=SASRec.score)
+        return sasrec_loss(logits[..., 0], logits[..., 1], targets != 0)
+
+    losses = _fit(loss_fn, params)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_gru4rec_trains_on_toy_task(gru4rec):
+    model, params, forward = gru4rec
+    seqs = right_pad([[1, 2], [3, 4, 5], [6], [7, 8, 9, 10]], 6)
+    pos, neg = jnp.array([3, 6, 7, 11]), jnp.array([20, 21, 22, 23])
+
+    def loss_fn(p, key):
+        user = model.apply({"params": p}, seqs, deterministic=False, rngs={"dropout": key})
+        both = model.apply({"params": p}, user, jnp.stack([pos, neg], -1), method=GRU4Rec.score)
+        return bpr_loss(both[:, 0], both[:, 1])
+
+    losses = _fit(loss_fn, params)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_mfbpr_trains_on_toy_task():
+    model = MFBPR(num_users=4, num_items=NUM_ITEMS, features=D)
+    params = model.init(jax.random.key(3), jnp.array([0]))["params"]
+    users, pos, neg = jnp.arange(4), jnp.array([1, 2, 3, 4]), jnp.array([5, 6, 7, 8])
+
+    def loss_fn(p, _key):
+        u = model.apply({"params": p}, users)
+        both = model.apply({"params": p}, u, jnp.stack([pos, neg], -1), method=MFBPR.score)
+        return bpr_loss(both[:, 0], both[:, 1])
+
+    losses = _fit(loss_fn, params, lr=5e-2)
+    assert losses[-1] < 0.5 * losses[0]
