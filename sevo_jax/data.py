@@ -604,14 +604,14 @@ def load_csv(path: PathLike, *, kcore: int = 0, min_len: int = 3) -> SequenceDat
 
 
 def synthetic(
-    num_users: int = 2000,
-    num_items: int = 500,
-    num_clusters: int = 20,
+    num_users: int = 1000,
+    num_items: int = 1000,
+    num_clusters: int = 25,
     seq_len: tuple[int, int] = (8, 30),
     seed: int = 0,
     *,
-    p_successor: float = 0.5,
-    p_cluster: float = 0.3,
+    p_successor: float = 0.1,
+    p_cluster: float = 0.6,
     p_noise: float = 0.1,
     zipf: float = 0.8,
     kcore: int = 0,

@@ -1,0 +1,484 @@
+"""Training sequential recommenders with (or without) SEvo: config, batches, step, evaluation.
+
+``fit(config)`` trains one model on one data set as in spec §4 and returns the results dict
+that the CLI writes to ``results.json``. Everything is a function of ``config.seed``: the
+parameter init, each epoch's shuffle and negatives (``default_rng([seed, epoch])``) and the
+dropout keys (``fold_in(seed, epoch, step)``), so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.sparse as sp
+
+from sevo_jax import data as data_lib
+from sevo_jax import graph as graph_lib
+from sevo_jax import metrics as metrics_lib
+from sevo_jax import models
+from sevo_jax.optimizers import sevo_adam, sevo_adamw, sevo_sgd
+
+MODELS = ("sasrec", "gru4rec", "mfbpr")
+OPTIMIZERS = ("adamw", "sevo-adamw", "adam", "sevo-adam", "sgd", "sevo-sgd")
+GRAPHS = ("auto", "cooccurrence", "category", "user-item")
+APPROXIMATIONS = ("neumann", "iterative", "nsa")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``None`` fields take the spec §4 default for the model and data set."""
+
+    model: str = "sasrec"
+    data: str | None = None
+    format: str = "synthetic"
+    optimizer: str = "sevo-adamw"
+    graph: str = "auto"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-8
+    momentum: float | None = None
+    beta: float = 0.99
+    num_layers: int = 3
+    approx: str = "neumann"
+    H: int = 1
+    maxlen: int | None = None
+    features: int = 64
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float | None = None
+    seed: int = 0
+    eval_every: int = 5
+    patience: int | None = 10
+    eval_batch_size: int = 1024
+    kcore: int = 0
+    cache_dir: str | None = None
+    out: str = "runs/latest"
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        choices = {"model": MODELS, "optimizer": OPTIMIZERS, "graph": GRAPHS,
+                   "approx": APPROXIMATIONS, "format": data_lib.FORMATS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "maxlen", "eval_every", "eval_batch_size", "H",
+                     "features", "num_blocks", "num_heads", "patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "weight_decay", "dropout", "momentum"):
+            value = getattr(self, name)
+            if value is not None and not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+        if self.dropout is not None and self.dropout >= 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not 0 <= self.beta < 1:
+            raise ValueError(f"beta must lie in [0, 1), got {self.beta!r}")
+        if self.num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got {self.num_layers!r}")
+        if self.format == "synthetic" and self.data is not None:
+            raise ValueError("format 'synthetic' takes no data path; pass --format for --data")
+        if self.format != "synthetic" and self.data is None:
+            raise ValueError(f"format {self.format!r} needs a data path (--data)")
+        if self.model == "mfbpr" and self.graph == "cooccurrence":
+            raise ValueError("graph 'cooccurrence' has item nodes only; mfbpr needs 'user-item'")
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the ``None`` defaults from spec §4 (Amazon-style unless MovieLens)."""
+        movielens = self.format == "movielens"
+        defaults = {
+            "epochs": {"sasrec": 200, "gru4rec": 300, "mfbpr": 200}[self.model],
+            "batch_size": 128 if movielens and self.model == "sasrec" else 512,
+            "maxlen": 200 if movielens else 50,
+            "dropout": {"sasrec": 0.1 if movielens else 0.3, "gru4rec": 0.4, "mfbpr": 0.0}[self.model],
+            "lr": 1e-1 if self.optimizer.endswith("sgd") else 1e-3,
+            "weight_decay": 0.1 if self.optimizer.endswith("adamw") else 0.0,
+        }
+        if self.format == "synthetic":
+            defaults["epochs"] = 40
+        filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **filled)
+
+
+# ---- data to batches ----------------------------------------------------------------------------
+
+
+def left_padded(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, maxlen: int) -> np.ndarray:
+    """Rows ``items[starts[r]:ends[r]]`` cut to their last ``maxlen`` and left-padded with 0."""
+    idx = ends[:, None] - maxlen + np.arange(maxlen)[None, :]
+    valid = idx >= starts[:, None]
+    return np.where(valid, items[np.clip(idx, 0, max(items.size - 1, 0))], 0).astype(np.int32)
+
+
+class NegativeSampler:
+    """Uniform items in ``1..num_items`` that the user never interacted with in training."""
+
+    def __init__(self, dataset: data_lib.SequenceDataset):
+        users, items = dataset.train_pairs()
+        self.num_items = dataset.num_items
+        self.stride = dataset.num_items + 1
+        self.seen = np.unique(users.astype(np.int64) * self.stride + items)
+
+    def _is_seen(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        keys = users.astype(np.int64) * self.stride + items
+        pos = np.minimum(np.searchsorted(self.seen, keys), self.seen.size - 1)
+        return self.seen[pos] == keys
+
+    def sample(self, users: np.ndarray, rng: np.random.Generator, rounds: int = 50) -> np.ndarray:
+        """One negative per entry of ``users`` (any shape), by vectorised rejection sampling."""
+        users = np.asarray(users)
+        out = rng.integers(1, self.num_items + 1, size=users.shape)
+        todo = self._is_seen(users, out)
+        for _ in range(rounds):
+            if not todo.any():
+                break
+            out[todo] = rng.integers(1, self.num_items + 1, size=int(todo.sum()))
+            todo[todo] = self._is_seen(users[todo], out[todo])
+        return out.astype(np.int32)
+
+
+@dataclasses.dataclass
+class Examples:
+    """Fixed training examples of one model; ``epoch_batches`` adds shuffling and negatives."""
+
+    arrays: dict[str, np.ndarray]   # every array has the examples on axis 0
+    users: np.ndarray               # the user of each example (for negative sampling)
+    target_key: str                 # the array whose items get negatives of the same shape
+
+    def __len__(self) -> int:
+        return self.users.shape[0]
+
+    def epoch_batches(
+        self, sampler: NegativeSampler, batch_size: int, rng: np.random.Generator
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Shuffled fixed-size batches; the last is padded with all-zero (masked) examples."""
+        order = rng.permutation(len(self))
+        targets = self.arrays[self.target_key]
+        users = np.broadcast_to(self.users.reshape((-1,) + (1,) * (targets.ndim - 1)), targets.shape)
+        negatives = sampler.sample(users, rng)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = {k: v[idx] for k, v in self.arrays.items()}
+            batch["negatives"] = negatives[idx]
+            pad = batch_size - idx.size
+            if pad:
+                batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+                         for k, v in batch.items()}
+            yield batch
+
+
+def training_examples(config: TrainConfig, ds: data_lib.SequenceDataset) -> Examples:
+    """SASRec: one sequence per user (inputs s[:-1], targets s[1:]); GRU4Rec: every prefix of
+    length >= 1 as input with its next item as target; MF-BPR: every (user, item) pair."""
+    items, offsets = ds.train_items, ds.train_offsets
+    starts, ends = offsets[:-1], offsets[1:]
+    if config.model == "sasrec":
+        inputs = left_padded(items, starts, ends - 1, config.maxlen)
+        targets = left_padded(items, starts + 1, ends, config.maxlen)
+        return Examples({"inputs": inputs, "targets": targets}, np.arange(ds.num_users), "targets")
+    if config.model == "gru4rec":
+        user_of = np.repeat(np.arange(ds.num_users), np.diff(offsets))
+        k = np.flatnonzero(np.arange(items.size) > starts[user_of])
+        inputs = left_padded(items, starts[user_of[k]], k, config.maxlen)
+        return Examples({"inputs": inputs, "targets": items[k].astype(np.int32)}, user_of[k], "targets")
+    users, pair_items = ds.train_pairs()
+    return Examples({"users": users.astype(np.int32), "targets": pair_items.astype(np.int32)},
+                    users, "targets")
+
+
+def eval_inputs(config: TrainConfig, ds: data_lib.SequenceDataset, split: str) -> np.ndarray:
+    """Model inputs for ranking the ``split`` target: the training sequence (valid), or the
+    training sequence followed by the validation item (test); user ids for MF-BPR."""
+    if config.model == "mfbpr":
+        return np.arange(ds.num_users, dtype=np.int32)
+    items, offsets = ds.train_items, ds.train_offsets
+    if split == "valid":
+        return left_padded(items, offsets[:-1], offsets[1:], config.maxlen)
+    head = left_padded(items, offsets[:-1], offsets[1:], config.maxlen - 1)
+    return np.concatenate([head, ds.valid[:, None].astype(np.int32)], axis=1)
+
+
+# ---- model, graph, optimizer --------------------------------------------------------------------
+
+
+def build_model(config: TrainConfig, ds: data_lib.SequenceDataset) -> nn.Module:
+    if config.model == "sasrec":
+        return models.SASRec(ds.num_items, config.maxlen, config.features, config.num_blocks,
+                             config.num_heads, config.dropout)
+    if config.model == "gru4rec":
+        return models.GRU4Rec(ds.num_items, config.features, config.dropout)
+    return models.MFBPR(ds.num_users, ds.num_items, config.features)
+
+
+def build_graph(config: TrainConfig, ds: data_lib.SequenceDataset) -> sp.csr_matrix:
+    """The raw adjacency over the smoothed rows, from TRAINING data only (spec §1)."""
+    kind = config.graph
+    if kind == "auto":
+        kind = "user-item" if config.model == "mfbpr" else "cooccurrence"
+    if kind == "category":
+        if ds.item_categories is None:
+            raise ValueError(f"graph 'category' needs item categories, which {ds.name} lacks")
+        if config.model == "mfbpr":
+            raise ValueError("graph 'category' has item nodes only; mfbpr needs 'user-item'")
+        return graph_lib.category_graph(ds.item_categories)
+    if kind == "user-item":
+        if config.model != "mfbpr":
+            raise ValueError(f"graph 'user-item' needs a model with a user table (mfbpr), not {config.model}")
+        users, items = ds.train_pairs()
+        return graph_lib.user_item_graph(users, items - 1, ds.num_users, ds.num_items, num_pads=1)
+    return graph_lib.cooccurrence_graph(
+        [s - 1 for s in ds.train_sequences()], ds.num_items, H=config.H, maxlen=config.maxlen,
+        num_pads=1)
+
+
+def build_optimizer(config: TrainConfig, adjacency: Any) -> optax.GradientTransformation:
+    """The six optimizers of the CLI; the ``sevo-*`` ones smooth the tables of ``sevo_mask``."""
+    c = config
+    sevo = dict(beta=c.beta, num_layers=c.num_layers, mask=models.sevo_mask, approx=c.approx)
+    if c.optimizer == "adamw":
+        return optax.adamw(c.lr, c.b1, c.b2, c.eps, weight_decay=c.weight_decay)
+    if c.optimizer == "sevo-adamw":
+        return sevo_adamw(c.lr, adjacency, b1=c.b1, b2=c.b2, eps=c.eps,
+                          weight_decay=c.weight_decay, **sevo)
+    if c.optimizer == "adam":
+        return optax.chain(optax.add_decayed_weights(c.weight_decay), optax.adam(c.lr, c.b1, c.b2, c.eps))
+    if c.optimizer == "sevo-adam":
+        return sevo_adam(c.lr, adjacency, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, **sevo)
+    if c.optimizer == "sgd":
+        return optax.chain(optax.add_decayed_weights(c.weight_decay), optax.sgd(c.lr, c.momentum))
+    return sevo_sgd(c.lr, adjacency, momentum=c.momentum, weight_decay=c.weight_decay, **sevo)
+
+
+# ---- step and evaluation ------------------------------------------------------------------------
+
+
+def make_loss_fn(config: TrainConfig, model: nn.Module) -> Callable:
+    """``loss(params, batch, dropout_key)`` of spec §4 (BCE for SASRec, BPR otherwise)."""
+
+    def loss_fn(params, batch, key):
+        variables = {"params": params}
+        items = jnp.stack([batch["targets"], batch["negatives"]], axis=-1)
+        if config.model == "mfbpr":
+            hidden = model.apply(variables, batch["users"])
+        else:
+            hidden = model.apply(variables, batch["inputs"], deterministic=False,
+                                 rngs={"dropout": key})
+        logits = model.apply(variables, hidden, items, method="score")
+        mask = batch["targets"] != 0
+        if config.model == "sasrec":
+            return models.sasrec_loss(logits[..., 0], logits[..., 1], mask)
+        return models.bpr_loss(logits[..., 0], logits[..., 1], mask)
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+    """``(params, opt_state, batch, key) -> (params, opt_state, loss)``, jit-compiled."""
+
+    def train_step(params, opt_state, batch, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def make_scorer(config: TrainConfig, model: nn.Module) -> Callable:
+    """``(params, inputs, targets, exclude) -> per-example metrics`` over the full catalogue."""
+
+    @jax.jit
+    def score(params, inputs, targets, exclude):
+        variables = {"params": params}
+        if config.model == "mfbpr":
+            user = model.apply(variables, inputs)
+        else:
+            user = model.apply(variables, inputs, deterministic=True)
+            if config.model == "sasrec":
+                user = user[:, -1]
+        scores = model.apply(variables, user, method="score_all")
+        return metrics_lib.ranking_metrics(metrics_lib.target_ranks(scores, targets, exclude))
+
+    return score
+
+
+def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.SequenceDataset,
+             split: str) -> dict[str, float]:
+    """Full-ranking HR@k / NDCG@k of ``split`` over all users; earlier items are masked."""
+    inputs = eval_inputs(config, ds, split)
+    targets = (ds.valid if split == "valid" else ds.test).astype(np.int32)
+    seen = ds.seen_items(split)
+    acc = metrics_lib.MetricAccumulator()
+    bs = config.eval_batch_size
+    for start in range(0, ds.num_users, bs):
+        rows = np.arange(start, min(start + bs, ds.num_users))
+        pad = bs - rows.size
+        batch_rows = np.concatenate([rows, np.zeros(pad, rows.dtype)])
+        exclude = seen[batch_rows].toarray().astype(bool)
+        out = scorer(params, inputs[batch_rows], targets[batch_rows], exclude)
+        acc.update(out, mask=jnp.asarray(np.arange(bs) < rows.size))
+    return acc.compute()
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a checkpoint holds besides params and optimizer state."""
+
+    epoch: int = 0                       # epochs completed
+    best_epoch: int = 0
+    best_score: float = -1.0
+    best_valid: dict | None = None
+    evals_since_best: int = 0
+
+
+def _write_atomic(path: Path, blob: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, params, opt_state, best_params, progress: Progress, config: dict) -> None:
+    state = {"params": params, "opt_state": opt_state, "best_params": best_params}
+    meta = {"progress": dataclasses.asdict(progress), "config": config}
+    _write_atomic(path, flax.serialization.to_bytes(state))
+    _write_atomic(path.with_suffix(".json"), json.dumps(meta).encode())
+
+
+def load_checkpoint(path: Path, params, opt_state, config: dict):
+    """Restore into the given templates; the run's config must match the checkpoint's."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    ignore = {"epochs", "out", "progress", "patience"}
+    old = {k: v for k, v in meta["config"].items() if k not in ignore}
+    new = {k: v for k, v in config.items() if k not in ignore}
+    if old != new:
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise ValueError(f"cannot resume {path}: its config differs in {', '.join(diff)}")
+    template = {"params": params, "opt_state": opt_state, "best_params": params}
+    state = flax.serialization.from_bytes(template, path.read_bytes())
+    return state["params"], state["opt_state"], state["best_params"], Progress(**meta["progress"])
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+
+def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.SequenceDataset | None = None,
+        log: Callable[[str], None] = print) -> dict:
+    """Train, validate every ``eval_every`` epochs, stop early on validation NDCG@10, and test
+    the best checkpoint. Writes ``metrics.jsonl``, ``checkpoint.msgpack`` and ``results.json``
+    to ``config.out`` and returns the results dict."""
+    config = config.resolved()
+    config.validate()
+    out = Path(config.out)
+    ds = dataset if dataset is not None else data_lib.load_dataset(
+        config.format, config.data, cache_dir=config.cache_dir, kcore=config.kcore)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = dataclasses.asdict(config)
+
+    model = build_model(config, ds)
+    examples = training_examples(config, ds)
+    sampler = NegativeSampler(ds)
+    adjacency = build_graph(config, ds) if config.optimizer.startswith("sevo") else None
+    optimizer = build_optimizer(config, adjacency)
+    init_input = (jnp.zeros((1,), jnp.int32) if config.model == "mfbpr"
+                  else jnp.zeros((1, config.maxlen), jnp.int32))
+    init_kwargs = {} if config.model == "mfbpr" else {"deterministic": True}
+    params = model.init(jax.random.PRNGKey(config.seed), init_input, **init_kwargs)["params"]
+    opt_state = optimizer.init(params)
+    best_params = jax.device_get(params)
+    progress = Progress()
+
+    ckpt = out / "checkpoint.msgpack"
+    log_path = out / "metrics.jsonl"
+    if resume and ckpt.exists():
+        params, opt_state, best_params, progress = load_checkpoint(ckpt, params, opt_state, cfg_dict)
+        kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
+                if json.loads(line)["epoch"] <= progress.epoch]
+        log_path.write_text("".join(line + "\n" for line in kept))
+        log(f"resumed from {ckpt} after epoch {progress.epoch}")
+    elif log_path.exists():
+        log_path.unlink()
+
+    train_step = make_train_step(make_loss_fn(config, model), optimizer)
+    scorer = make_scorer(config, model)
+    base_key = jax.random.PRNGKey(config.seed)
+    bar = _progress_bar(config, progress.epoch)
+    stopped = progress.evals_since_best >= (config.patience or np.inf)
+    for epoch in range(progress.epoch + 1, config.epochs + 1):
+        if stopped:
+            break
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([config.seed, epoch])
+        epoch_key = jax.random.fold_in(base_key, epoch)
+        losses = []
+        for step, batch in enumerate(examples.epoch_batches(sampler, config.batch_size, rng)):
+            params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(epoch_key, step))
+            losses.append(loss)
+        record = {"epoch": epoch, "loss": float(np.mean(jax.device_get(losses))),
+                  "train_seconds": round(time.perf_counter() - t0, 3)}
+        if not np.isfinite(record["loss"]):
+            raise FloatingPointError(f"training loss became {record['loss']} at epoch {epoch}; "
+                                     "lower --lr or check the data")
+        progress.epoch = epoch
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            valid = evaluate(config, scorer, params, ds, "valid")
+            record["valid"] = valid
+            if valid["NDCG@10"] > progress.best_score:
+                progress.best_score, progress.best_epoch, progress.best_valid = valid["NDCG@10"], epoch, valid
+                progress.evals_since_best = 0
+                best_params = jax.device_get(params)
+            else:
+                progress.evals_since_best += 1
+            stopped = progress.evals_since_best >= (config.patience or np.inf)
+            save_checkpoint(ckpt, params, opt_state, best_params, progress, cfg_dict)
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.update(record, progress)
+    bar.close()
+
+    test = evaluate(config, scorer, best_params, ds, "test")
+    results = {"valid": progress.best_valid, "test": test, "best_epoch": progress.best_epoch,
+               "epochs_run": progress.epoch, "config": cfg_dict, "data": ds.stats()}
+    _write_atomic(out / "results.json", json.dumps(results, indent=2).encode())
+    return results
+
+
+class _progress_bar:
+    """tqdm over epochs showing loss and the last validation NDCG@10 (silent if disabled)."""
+
+    def __init__(self, config: TrainConfig, done: int):
+        self.bar = None
+        if config.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=config.epochs, initial=done, desc=f"{config.model}/{config.optimizer}",
+                            unit="epoch", dynamic_ncols=True)
+
+    def update(self, record: dict, progress: Progress) -> None:
+        if self.bar is not None:
+            post = {"loss": f"{record['loss']:.4f}"}
+            if progress.best_valid is not None:
+                post["ndcg@10"] = f"{record.get('valid', {}).get('NDCG@10', progress.best_score):.4f}"
+            self.bar.set_postfix(post)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

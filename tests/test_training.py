@@ -1,0 +1,168 @@
+"""The trainer and its command line, on small synthetic data."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sevo_jax import data, training
+from sevo_jax.train import main
+
+KEYS = {"HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"}
+SMALL = dict(maxlen=12, features=16, num_blocks=1, batch_size=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_ds():
+    return data.synthetic(num_users=120, num_items=150, num_clusters=6, seq_len=(5, 14), seed=1)
+
+
+def test_cli_runs_one_epoch_and_writes_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--epochs", "1", "--out", str(out), "--no-progress", "--maxlen", "10",
+                 "--features", "16", "--batch-size", "256"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["test"]) >= KEYS and set(results["valid"]) >= KEYS
+    assert results["best_epoch"] == 1 and results["config"]["optimizer"] == "sevo-adamw"
+    assert all(0.0 <= results["test"][k] <= 1.0 for k in KEYS)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and "valid" in json.loads(lines[0])
+    printed = capsys.readouterr().out
+    assert "| test |" in printed and "NDCG@10" in printed
+
+
+@pytest.mark.parametrize("model", ["sasrec", "gru4rec", "mfbpr"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sevo-adamw"])
+def test_every_model_trains(tmp_path, small_ds, model, optimizer):
+    cfg = training.TrainConfig(model=model, optimizer=optimizer, epochs=2, eval_every=2,
+                               out=str(tmp_path), **SMALL)
+    results = training.fit(cfg, dataset=small_ds, log=lambda s: None)
+    assert np.isfinite(list(results["test"].values())).all()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sevo-adam", "sgd", "sevo-sgd"])
+def test_other_optimizers_train(tmp_path, small_ds, optimizer):
+    cfg = training.TrainConfig(optimizer=optimizer, epochs=1, out=str(tmp_path), momentum=0.9, **SMALL)
+    results = training.fit(cfg, dataset=small_ds, log=lambda s: None)
+    assert np.isfinite(results["test"]["NDCG@10"])
+
+
+def test_resume_gives_identical_metrics(tmp_path, small_ds):
+    base = dict(model="sasrec", optimizer="sevo-adamw", eval_every=1, seed=3, **SMALL)
+    straight = training.fit(training.TrainConfig(epochs=4, out=str(tmp_path / "a"), **base),
+                            dataset=small_ds, log=lambda s: None)
+    training.fit(training.TrainConfig(epochs=2, out=str(tmp_path / "b"), **base),
+                 dataset=small_ds, log=lambda s: None)
+    resumed = training.fit(training.TrainConfig(epochs=4, out=str(tmp_path / "b"), **base),
+                           dataset=small_ds, resume=True, log=lambda s: None)
+    assert resumed["test"] == straight["test"] and resumed["valid"] == straight["valid"]
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "train_seconds"} for x in lines]
+    assert strip(a) == strip(b)
+
+
+def test_resume_refuses_a_different_config(tmp_path, small_ds):
+    base = dict(eval_every=1, out=str(tmp_path), **SMALL)
+    training.fit(training.TrainConfig(epochs=1, **base), dataset=small_ds, log=lambda s: None)
+    with pytest.raises(ValueError, match="lr"):
+        training.fit(training.TrainConfig(epochs=2, lr=0.5, **base), dataset=small_ds,
+                     resume=True, log=lambda s: None)
+
+
+def test_sevo_beats_adamw_on_planted_clusters(tmp_path):
+    """Sparse items whose next item is mostly a same-cluster item: the co-occurrence graph helps."""
+    ds = data.synthetic(num_users=500, num_items=1000, num_clusters=25, seed=0,
+                        p_successor=0.0, p_cluster=0.7)
+    scores = {}
+    for opt in ("adamw", "sevo-adamw"):
+        cfg = training.TrainConfig(optimizer=opt, epochs=30, eval_every=5, maxlen=20, features=32,
+                                   num_blocks=1, batch_size=128, patience=None, progress=False,
+                                   out=str(tmp_path / opt))
+        scores[opt] = training.fit(cfg, dataset=ds, log=lambda s: None)["valid"]["NDCG@10"]
+    assert scores["sevo-adamw"] > 1.05 * scores["adamw"], scores
+
+
+def test_no_validation_or_test_item_reaches_training_or_the_graph(small_ds, tmp_path):
+    ds = small_ds
+    for model in ("sasrec", "gru4rec", "mfbpr"):
+        cfg = training.TrainConfig(model=model, **SMALL).resolved()
+        ex = training.training_examples(cfg, ds)
+        users = ex.users
+        for key in ("inputs", "targets"):
+            if key not in ex.arrays:
+                continue
+            arr = ex.arrays[key].reshape(len(users), -1)
+            for row, u in zip(arr, users):
+                items = set(row[row > 0].tolist())
+                train = set(ds.train_sequences()[u].tolist())
+                assert items <= train
+    # an item that only ever appears as a validation/test target must be isolated in the graph
+    sequences = [[1, 2, 3, 90, 91], [2, 3, 1, 92, 93]]
+    path = tmp_path / "held_out.csv"
+    path.write_text("\n".join(f"{u},{i},{t}" for u, seq in enumerate(sequences)
+                              for t, i in enumerate(seq)))
+    held_out = data.load_csv(path)
+    adj = training.build_graph(training.TrainConfig(format="csv", data="x").resolved(), held_out)
+    raw_ids = sorted({i for seq in sequences for i in seq})  # load_csv maps sorted raw ids to 1..N
+    for raw in (90, 91, 92, 93):
+        assert adj[raw_ids.index(raw) + 1].nnz == 0
+
+
+def test_every_user_keeps_a_training_item(small_ds):
+    assert (np.diff(small_ds.train_offsets) >= 1).all()
+
+
+def test_negatives_are_never_seen_items(small_ds):
+    sampler = training.NegativeSampler(small_ds)
+    users = np.repeat(np.arange(small_ds.num_users), 50)
+    negs = sampler.sample(users, np.random.default_rng(0))
+    seen = small_ds.seen_items("valid")
+    assert not np.asarray(seen[users, negs]).any()
+    assert negs.min() >= 1 and negs.max() <= small_ds.num_items
+
+
+def test_left_padded():
+    items = np.array([1, 2, 3, 4, 5])
+    out = training.left_padded(items, np.array([0, 3]), np.array([3, 5]), 4)
+    np.testing.assert_array_equal(out, [[0, 1, 2, 3], [0, 0, 4, 5]])
+
+
+# ---- bad input: one line on stderr, non-zero exit, no traceback --------------------------------
+
+
+def _fails_cleanly(capsys, argv, needle):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert needle in err, err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--model", "bert"], "--model"),
+        (["--format", "parquet", "--data", "x"], "--format"),
+        (["--optimizer", "lamb"], "--optimizer"),
+        (["--data", "/no/such/file.txt"], "not found"),
+        (["--epochs", "0"], "epochs"),
+        (["--beta", "1.5"], "beta"),
+    ],
+)
+def test_bad_flags(capsys, tmp_path, argv, needle):
+    _fails_cleanly(capsys, argv + ["--out", str(tmp_path), "--no-progress"], needle)
+
+
+def test_empty_and_malformed_files(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _fails_cleanly(capsys, ["--data", str(empty), "--out", str(tmp_path / "o")], "empty")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 1 2 3\n2 4 x 6\n")
+    _fails_cleanly(capsys, ["--data", str(bad), "--out", str(tmp_path / "o")], "bad.txt:2")
