@@ -130,16 +130,21 @@ def sevo_adamw(
     weight_decay: float = 1e-4,
     mask: MaskOrFn | None = None,
     approx: str = "neumann",
+    mesh: jax.sharding.Mesh | None = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformation:
     """AdamW + SEvo with moment-estimate correction, the paper's optimizer (spec §3).
 
     ``p <- p (1 - lr wd) - lr psi(delta)``: psi smooths the corrected Adam direction of the
     masked tables, before the decoupled decay and the learning rate. Other leaves take plain
-    AdamW.
+    AdamW. ``mesh``/``axis_name`` row-shard psi across a mesh axis (``sevo_smooth``,
+    ``sevo_jax.sharding``); likewise in ``sevo_adam`` and ``sevo_sgd``.
     """
     return optax.chain(
         scale_by_adam_corrected(b1, b2, eps, mask=mask),
-        sevo_smooth(adjacency, beta, num_layers, approx=approx, mask=mask),
+        sevo_smooth(
+            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name
+        ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -157,12 +162,16 @@ def sevo_adam(
     weight_decay: float = 0.0,
     mask: MaskOrFn | None = None,
     approx: str = "neumann",
+    mesh: jax.sharding.Mesh | None = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformation:
     """Adam + SEvo with L2 decay and no correction: ``g <- g + wd p``; ``p <- p - lr psi(delta)``."""
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_adam(b1, b2, eps),
-        sevo_smooth(adjacency, beta, num_layers, approx=approx, mask=mask),
+        sevo_smooth(
+            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name
+        ),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -178,6 +187,8 @@ def sevo_sgd(
     weight_decay: float = 0.0,
     mask: MaskOrFn | None = None,
     approx: str = "neumann",
+    mesh: jax.sharding.Mesh | None = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformation:
     """SGD + SEvo: ``d = g + wd p``; with momentum ``b = mu b + d`` (first step ``b = d``) and
     ``d = d + mu b`` (Nesterov) or ``d = b``; then ``p <- p - lr psi(d)``.
@@ -185,6 +196,8 @@ def sevo_sgd(
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
-        sevo_smooth(adjacency, beta, num_layers, approx=approx, mask=mask),
+        sevo_smooth(
+            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name
+        ),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -123,6 +123,16 @@ def as_normalized_graph(adjacency: Any) -> NormalizedGraph:
     """
     if isinstance(adjacency, NormalizedGraph):
         return adjacency
+    return NormalizedGraph.from_scipy(normalized_scipy(adjacency))
+
+
+def normalized_scipy(adjacency: Any) -> sp.csr_matrix:
+    """``as_normalized_graph`` on the host: the normalised matrix as scipy CSR, nothing on device.
+
+    Used by ``sevo_jax.sharding`` so that a million-node graph is never put whole on one device.
+    """
+    if isinstance(adjacency, NormalizedGraph):
+        return adjacency.to_scipy()
     if isinstance(adjacency, jsparse.BCOO):
         if adjacency.n_batch or adjacency.n_dense or adjacency.ndim != 2:
             raise ValueError(
@@ -143,7 +153,7 @@ def as_normalized_graph(adjacency: Any) -> NormalizedGraph:
             "adjacency must be a scipy.sparse matrix, a numpy array, a "
             f"jax.experimental.sparse.BCOO or a NormalizedGraph, got {type(adjacency).__name__}"
         )
-    return NormalizedGraph.from_scipy(graph_lib.normalize(adjacency))
+    return graph_lib.normalize(adjacency)
 
 
 def _check_hyperparameters(beta: float, num_layers: int, approx: str) -> None:
@@ -171,27 +181,48 @@ def propagate(
     Computes in at least float32 and returns ``x.dtype``.
     """
     _check_hyperparameters(beta, num_layers, approx)
-    beta = float(beta)
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    x32 = x.astype(compute_dtype)
+    return psi_recursion(graph.matmul, x.astype(compute_dtype), beta, num_layers, approx).astype(
+        x.dtype
+    )
+
+
+def psi_coefficients(beta: float, num_layers: int, approx: str) -> tuple[float, float]:
+    """``(a, c)`` of the recursion ``Y_l = a X + beta Ã Y_{l-1}``, ``psi = c Y_L`` (module doc)."""
+    beta = float(beta)
     if approx == "iterative":
-        a, c = 1.0 - beta, 1.0
-    elif approx == "nsa":
-        a, c = 1.0, 1.0 - beta
-    else:
-        a, c = 1.0, (1.0 - beta) / (1.0 - beta ** (num_layers + 1))
-    ax = x32 if a == 1.0 else a * x32
-    y = jax.lax.fori_loop(0, num_layers, lambda _, y: ax + beta * graph.matmul(y), x32)
-    return (c * y).astype(x.dtype)
+        return 1.0 - beta, 1.0
+    if approx == "nsa":
+        return 1.0, 1.0 - beta
+    return 1.0, (1.0 - beta) / (1.0 - beta ** (num_layers + 1))
+
+
+def psi_recursion(
+    matmul: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    beta: float,
+    num_layers: int,
+    approx: str,
+) -> jax.Array:
+    """``c * Y_L`` with ``Y_0 = x``, ``Y_l = a x + beta matmul(Y_{l-1})``, in ``x.dtype``.
+
+    Shared by ``propagate`` and the row-sharded ``sevo_jax.sharding.propagate_sharded`` so
+    that both run the same arithmetic; ``matmul`` computes ``Ã @ y``.
+    """
+    a, c = psi_coefficients(beta, num_layers, approx)
+    beta = float(beta)
+    ax = x if a == 1.0 else a * x
+    y = jax.lax.fori_loop(0, num_layers, lambda _, y: ax + beta * matmul(y), x)
+    return c * y
 
 
 class SEvoSmoothState(NamedTuple):
     """State of ``sevo_smooth``: the normalised graph, carried so jit receives it as an argument.
 
-    ``update`` never changes it.
+    ``update`` never changes it. With ``mesh=`` it is a ``sevo_jax.sharding.ShardedGraph``.
     """
 
-    graph: NormalizedGraph
+    graph: Any  # NormalizedGraph, or sevo_jax.sharding.ShardedGraph when row-sharded
 
 
 def _broadcast_mask(mask: MaskOrFn, tree: Any) -> list[bool]:
@@ -273,6 +304,8 @@ def sevo_smooth(
     *,
     approx: str = "neumann",
     mask: MaskOrFn | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformation:
     """Structure-aware embedding evolution: replace the masked tables' update ``X`` by psi(X).
 
@@ -290,11 +323,24 @@ def sevo_smooth(
       approx: ``"neumann"`` (SEvo), ``"iterative"`` or ``"nsa"``.
       mask: Optax-style pytree of bools (or a callable of the params returning one) choosing
         the tables to smooth; None selects every leaf.
+      mesh, axis_name: row-shard psi over the mesh axis ``axis_name`` of a
+        ``jax.sharding.Mesh`` (``sevo_jax.sharding``): the graph's rows and the tables' rows are
+        split across that axis and the L matmuls run under ``jax.shard_map``; each smoothed
+        table leaves row-sharded (``NamedSharding(mesh, P(axis_name, None))``) when its row
+        count divides the axis size. None (the default) runs psi unsharded.
 
     Returns:
-      An ``optax.GradientTransformation`` whose state only carries the normalised graph.
+      An ``optax.GradientTransformation`` whose state only carries the normalised graph (a
+      ``sevo_jax.sharding.ShardedGraph`` when ``mesh`` is given, built at ``init`` from the
+      masked tables' row counts).
     """
     _check_hyperparameters(beta, num_layers, approx)
+    if mesh is not None or axis_name is not None:
+        from sevo_jax import sharding as sharding_lib  # sharding imports this module
+
+        return sharding_lib.sharded_sevo_smooth(
+            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name
+        )
     graph = as_normalized_graph(adjacency)
 
     def init_fn(params):
