@@ -15,6 +15,7 @@ All three are the recursion ``Y_l = a X + beta Ã Y_{l-1}`` (``Y_0 = X``) follow
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -317,7 +318,8 @@ def sevo_smooth(
 
     Args:
       adjacency: the RAW symmetric non-negative adjacency (scipy sparse, numpy array, BCOO, or
-        a ``NormalizedGraph``); it is validated and normalised once, here.
+        a ``NormalizedGraph``); it is validated and normalised once, here. A
+        ``sevo_jax.sharding.ShardedGraph`` selects the row-sharded path on its own mesh.
       beta: smoothing strength in [0, 1); 0 is the identity.
       num_layers: number L >= 0 of sparse matmuls; 0 is the identity for ``neumann``.
       approx: ``"neumann"`` (SEvo), ``"iterative"`` or ``"nsa"``.
@@ -335,8 +337,11 @@ def sevo_smooth(
       masked tables' row counts).
     """
     _check_hyperparameters(beta, num_layers, approx)
-    if mesh is not None or axis_name is not None:
-        from sevo_jax import sharding as sharding_lib  # sharding imports this module
+    # a ShardedGraph can only exist once sevo_jax.sharding (which imports this module) is loaded
+    sharding_module = sys.modules.get("sevo_jax.sharding")
+    prebuilt = sharding_module is not None and isinstance(adjacency, sharding_module.ShardedGraph)
+    if mesh is not None or axis_name is not None or prebuilt:
+        from sevo_jax import sharding as sharding_lib
 
         return sharding_lib.sharded_sevo_smooth(
             adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name

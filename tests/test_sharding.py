@@ -1,0 +1,452 @@
+"""Row-sharded SEvo (sevo_jax.sharding) against the unsharded psi and optimizers.
+
+The multi-device checks need 8 fake CPU devices, i.e. ``XLA_FLAGS`` set before jax is imported,
+which other test files already did in this pytest process. So this file is also a script:
+``python tests/test_sharding.py`` runs every check named in ``CHECKS`` in ONE fresh process
+with 8 devices and prints ``PASS name`` / ``FAIL name: ...``; the module-scoped fixture runs it
+once and each test asserts on its own line. Cheap single-device checks run in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_DEVICES = 8
+
+
+# --------------------------------------------------------------------------------------------
+# Checks run in the 8-device subprocess (they import jax lazily).
+# --------------------------------------------------------------------------------------------
+
+
+def _setup():
+    import jax
+    import numpy as np
+    import scipy.sparse as sp
+
+    jax.config.update("jax_enable_x64", False)
+    assert jax.device_count() == NUM_DEVICES, jax.devices()
+
+    def graph(n, seed=0, density=0.3, isolated=(0,)):
+        rng = np.random.default_rng(seed)
+        a = rng.random((n, n)) * (rng.random((n, n)) < density)
+        a = np.triu(a, 1)
+        a = a + a.T
+        for i in isolated:
+            a[i, :] = a[:, i] = 0.0
+        return sp.csr_matrix(a)
+
+    return jax, np, graph
+
+
+def _mesh(kind="explicit", shape=(NUM_DEVICES,), names=("x",)):
+    import jax
+    from jax.sharding import AxisType
+
+    axis_type = AxisType.Explicit if kind == "explicit" else AxisType.Auto
+    return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
+
+
+def _close(got, ref, tol=2e-6, msg=""):
+    import numpy as np
+
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=tol, atol=tol, err_msg=msg)
+
+
+def _psi_jit(beta, num_layers, approx, impl=None):
+    import jax
+
+    from sevo_jax import sharding as sh
+
+    return jax.jit(lambda g, x: sh.propagate_sharded(g, x, beta, num_layers, approx, impl=impl))
+
+
+def _row_sharded(x, mesh, axis="x"):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return x.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(axis, None)), x.ndim)
+
+
+def check_psi_every_approx():
+    """propagate_sharded == propagate for every approx, several beta/L, both local impls."""
+    jax, np, graph = _setup()
+    import jax.numpy as jnp
+
+    import sevo_jax as sj
+    from sevo_jax import sharding as sh
+
+    mesh = _mesh()
+    n = 24  # n not dividing 8: check_uneven_no_leak
+    a = graph(n, seed=n)
+    ng = sj.as_normalized_graph(a)
+    g = sh.shard_graph(a, mesh, "x")
+    x = jnp.asarray(np.random.default_rng(n).standard_normal((n, 3)), jnp.float32)
+    cases = [("segment_sum", 0.9, 3), ("segment_sum", 0.99, 2), ("segment_sum", 0.5, 0)]
+    cases.append(("bcoo", 0.9, 3))
+    for approx in sj.APPROXIMATIONS:
+        for impl, beta, num_layers in cases:
+            got = _psi_jit(beta, num_layers, approx, impl)(g, x)
+            ref = sj.propagate(ng, x, beta, num_layers, approx)
+            _close(got, ref, msg=f"{impl=} {approx=} {beta=} {num_layers=}")
+
+
+def check_update_is_row_sharded():
+    """The jitted sevo_smooth update leaves a row-sharded table row-sharded (both axis types)."""
+    jax, np, graph = _setup()
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import sevo_jax as sj
+    from sevo_jax import sharding as sh
+
+    n = 32
+    a = graph(n)
+    for kind in ("explicit", "auto"):
+        mesh = _mesh(kind)
+        rows = sh.row_sharding(mesh, "x")
+        table = np.random.default_rng(1).standard_normal((n, 4))
+        table = jax.device_put(jnp.asarray(table, jnp.float32), rows)
+        params = {"emb": table, "bias": jnp.ones((3,))}
+        opt = sj.sevo_smooth(a, 0.9, 3, mask={"emb": True, "bias": False}, mesh=mesh, axis_name="x")
+        state = opt.init(params)
+        assert isinstance(state.graph, sh.ShardedGraph), state
+        graph_sharding = NamedSharding(mesh, PartitionSpec("x"))
+        assert state.graph.weights.sharding.is_equivalent_to(graph_sharding, 2)
+        out, _ = jax.jit(opt.update)(params, state)
+        assert _row_sharded(out["emb"], mesh), (kind, out["emb"].sharding)
+        ref = sj.propagate(sj.as_normalized_graph(a), jax.device_get(table), 0.9, 3)
+        np.testing.assert_allclose(np.asarray(out["emb"]), np.asarray(ref), rtol=2e-6, atol=2e-6)
+        np.testing.assert_array_equal(np.asarray(out["bias"]), np.ones(3))
+
+
+def check_uneven_no_leak():
+    """n = 13 and 1001 (not multiples of 8): equal to unsharded, no NaN leaking via padding."""
+    jax, np, graph = _setup()
+    import jax.numpy as jnp
+
+    import sevo_jax as sj
+    from sevo_jax import sharding as sh
+
+    mesh = _mesh("auto")
+    for n, density in ((13, 0.4), (1001, 0.01)):
+        a = graph(n, seed=3, density=density, isolated=(0, n - 1))
+        ng = sj.as_normalized_graph(a)
+        g = sh.shard_graph(a, mesh, "x")
+        x = np.random.default_rng(2).standard_normal((n, 5)).astype(np.float32)
+        # node 0 is isolated and sits at gathered position 0, the column every padding edge
+        # reads: a non-finite value there must stay in its own row
+        x[0] = np.nan
+        for impl in ("segment_sum", "bcoo"):
+            for approx in sj.APPROXIMATIONS:
+                got = np.asarray(_psi_jit(0.95, 3, approx, impl)(g, x))
+                assert got.shape == (n, 5)
+                ref = np.asarray(sj.propagate(ng, jnp.asarray(x), 0.95, 3, approx))
+                assert np.isnan(got[0]).all() and np.isfinite(got[1:]).all(), (n, impl, approx)
+                _close(got[1:], ref[1:], msg=f"{n=} {impl=} {approx=}")
+
+
+def check_joint_tables():
+    """users + items smoothed jointly, sharded; both come back row-sharded when they divide 8."""
+    jax, np, graph = _setup()
+    import jax.numpy as jnp
+
+    import sevo_jax as sj
+    from sevo_jax import sharding as sh
+
+    for n_users, n_items, kind in ((16, 24, "explicit"), (16, 24, "auto"), (11, 21, "explicit")):
+        n = n_users + n_items
+        a = graph(n, seed=5)
+        mesh = _mesh(kind)
+        rng = np.random.default_rng(0)
+        params = {"a_users": jnp.asarray(rng.standard_normal((n_users, 4)), jnp.float32),
+                  "b_items": jnp.asarray(rng.standard_normal((n_items, 4)), jnp.float32),
+                  "dense": jnp.asarray(rng.standard_normal((2, 2)), jnp.float32)}
+        mask = {"a_users": True, "b_items": True, "dense": False}
+        divisible = n_users % NUM_DEVICES == 0 and n_items % NUM_DEVICES == 0
+        if divisible:
+            rows = sh.row_sharding(mesh, "x")
+            params = {k: jax.device_put(v, rows) if mask[k] else v for k, v in params.items()}
+        sharded = sj.sevo_smooth(a, 0.99, 3, mask=mask, mesh=mesh, axis_name="x")
+        plain = sj.sevo_smooth(a, 0.99, 3, mask=mask)
+        state = sharded.init(params)
+        assert state.graph.segments == (n_users, n_items)
+        got, _ = jax.jit(sharded.update)(params, state)
+        ref, _ = plain.update(jax.device_get(params), plain.init(jax.device_get(params)))
+        for k in params:
+            _close(got[k], ref[k], msg=k)
+        if divisible:
+            assert _row_sharded(got["a_users"], mesh) and _row_sharded(got["b_items"], mesh), kind
+
+
+def check_adamw_ten_steps():
+    """sevo_adamw sharded over 10 steps == unsharded; params stay row-sharded."""
+    jax, np, graph = _setup()
+    import jax.numpy as jnp
+    import optax
+
+    import sevo_jax as sj
+    from sevo_jax import sharding as sh
+
+    n_users, n_items = 8, 24
+    a = graph(n_users + n_items, seed=7)
+    mesh = _mesh()
+    rows = sh.row_sharding(mesh, "x")
+    rng = np.random.default_rng(3)
+    host = {"users": rng.standard_normal((n_users, 6)).astype(np.float32),
+            "items": rng.standard_normal((n_items, 6)).astype(np.float32),
+            "w": rng.standard_normal((6, 2)).astype(np.float32)}
+    mask = {"users": True, "items": True, "w": False}
+    grads = []
+    for _ in range(10):
+        gr = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in host.items()}
+        for k in ("users", "items"):
+            gr[k][rng.random(gr[k].shape[0]) < 0.4] = 0.0  # rows absent from the batch
+        grads.append(gr)
+
+    def run(opt, params, place):
+        state = opt.init(params)
+
+        @jax.jit
+        def step(params, state, g):
+            updates, state = opt.update(g, state, params)
+            return optax.apply_updates(params, updates), state
+
+        for g in grads:
+            params, state = step(params, state, place(g))
+        return params
+
+    def placed(tree):
+        return {k: jax.device_put(jnp.asarray(v), rows) if mask[k] else jnp.asarray(v)
+                for k, v in tree.items()}
+
+    def local(tree):
+        return jax.tree.map(jnp.asarray, tree)
+
+    kw = dict(beta=0.99, num_layers=3, mask=mask, weight_decay=1e-2)
+    got = run(sj.sevo_adamw(1e-2, a, mesh=mesh, axis_name="x", **kw), placed(host), placed)
+    ref = run(sj.sevo_adamw(1e-2, a, **kw), local(host), local)
+    for k in host:
+        _close(got[k], ref[k], 1e-5, k)
+    assert _row_sharded(got["users"], mesh) and _row_sharded(got["items"], mesh)
+    # sevo_adam / sevo_sgd take the same keywords
+    for make in (lambda **k: sj.sevo_adam(1e-2, a, mask=mask, **k),
+                 lambda **k: sj.sevo_sgd(1e-2, a, mask=mask, momentum=0.9, **k)):
+        got = run(make(mesh=mesh, axis_name="x"), placed(host), placed)
+        ref = run(make(), local(host), local)
+        for k in host:
+            _close(got[k], ref[k], 1e-5, k)
+
+
+def check_two_axis_mesh():
+    """A (4, 2) mesh sharded on one of its axes (replicated over the other)."""
+    jax, np, graph = _setup()
+    import jax.numpy as jnp
+
+    import sevo_jax as sj
+    from sevo_jax import sharding as sh
+
+    n = 20
+    a = graph(n, seed=11)
+    for kind in ("explicit", "auto"):
+        mesh = _mesh(kind, shape=(4, 2), names=("data", "model"))
+        for axis in ("data", "model"):
+            x = jnp.asarray(np.random.default_rng(4).standard_normal((n, 3)), jnp.float32)
+            x = jax.device_put(x, sh.row_sharding(mesh, axis))
+            opt = sj.sevo_smooth(a, 0.9, 2, mesh=mesh, axis_name=axis)
+            out, _ = jax.jit(opt.update)(x, opt.init(x))
+            ref = sj.propagate(sj.as_normalized_graph(a), jax.device_get(x), 0.9, 2)
+            np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-6, atol=2e-6)
+            assert _row_sharded(out, mesh, axis), (kind, axis, out.sharding)
+
+
+def check_bad_axis_name():
+    jax, np, graph = _setup()
+    import jax.numpy as jnp
+
+    import sevo_jax as sj
+
+    a = graph(16)
+    mesh = _mesh()
+    for kw in ({"mesh": mesh}, {"mesh": mesh, "axis_name": "nope"}, {"axis_name": "x"}):
+        for make in (lambda **k: sj.sevo_smooth(a, **k), lambda **k: sj.sevo_adamw(1e-3, a, **k)):
+            try:
+                make(**kw)
+            except ValueError as e:
+                assert "axis_name" in str(e), str(e)
+            else:
+                raise AssertionError(f"no ValueError for {kw}")
+    # tables whose rows do not match the graph fail at init, naming the row counts
+    opt = sj.sevo_smooth(a, mesh=mesh, axis_name="x")
+    try:
+        opt.init(jnp.zeros((15, 2)))
+    except ValueError as e:
+        assert "16 nodes" in str(e), str(e)
+    else:
+        raise AssertionError("no ValueError for 15 rows on a 16-node graph")
+
+
+CHECKS = {k[len("check_"):]: fn for k, fn in list(globals().items()) if k.startswith("check_")}
+
+
+def _main(names):
+    for name in names:
+        try:
+            CHECKS[name]()
+        except Exception:  # report every check, keep going
+            print(f"FAIL {name}: " + traceback.format_exc().replace("\n", "\n    "), flush=True)
+        else:
+            print(f"PASS {name}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# pytest side
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_run():
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": pythonpath,
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={NUM_DEVICES}"}
+    script = str(Path(__file__).resolve())
+    proc = subprocess.run([sys.executable, script, *CHECKS], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    return proc
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_sharded(sharded_run, name):
+    out = sharded_run.stdout
+    lines = [line for line in out.splitlines() if line.startswith(("PASS ", "FAIL "))]
+    mine = [i for i, line in enumerate(lines) if line.split(":")[0].split()[1] == name]
+    err = sharded_run.stderr[-3000:]
+    assert mine, f"check {name} did not report (exit {sharded_run.returncode}):\n{out}\n{err}"
+    start = out.index(lines[mine[0]])
+    assert lines[mine[0]].startswith("PASS "), out[start:start + 4000]
+
+
+# Single-device, in-process checks.
+
+
+def test_pad_rows():
+    from sevo_jax.sharding import pad_rows
+
+    assert [pad_rows(n, 8) for n in (0, 1, 8, 13, 16, 1001)] == [0, 8, 8, 16, 16, 1008]
+    with pytest.raises(ValueError):
+        pad_rows(3, 0)
+
+
+def test_pad_adjacency_keeps_psi_on_real_rows():
+    import jax.numpy as jnp
+    import numpy as np
+    import scipy.sparse as sp
+
+    import sevo_jax as sj
+    from sevo_jax.sharding import pad_adjacency
+
+    rng = np.random.default_rng(0)
+    a = rng.random((9, 9)) * (rng.random((9, 9)) < 0.5)
+    a = sp.csr_matrix(np.triu(a, 1) + np.triu(a, 1).T)
+    padded = pad_adjacency(a, [4, 5], 4)  # users 4 -> 4, items 5 -> 8
+    assert padded.shape == (12, 12)
+    real = np.r_[0:4, 4:9]
+    np.testing.assert_array_equal(padded.toarray()[np.ix_(real, real)], a.toarray())
+    assert padded.toarray()[9:].sum() == 0 and padded.toarray()[:, 9:].sum() == 0
+    x = rng.standard_normal((9, 3)).astype(np.float32)
+    xp = np.zeros((12, 3), np.float32)
+    xp[real] = x
+    got = sj.propagate(sj.as_normalized_graph(padded), jnp.asarray(xp), 0.9, 3)
+    ref = sj.propagate(sj.as_normalized_graph(a), jnp.asarray(x), 0.9, 3)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got)[9:], 0.0)
+
+
+def test_one_device_mesh_in_process():
+    """The sharded path on whatever devices this process has (a 1-device mesh)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import sevo_jax as sj
+    from sevo_jax import sharding as sh
+
+    rng = np.random.default_rng(1)
+    a = rng.random((10, 10)) * (rng.random((10, 10)) < 0.4)
+    a = np.triu(a, 1) + np.triu(a, 1).T
+    explicit = (jax.sharding.AxisType.Explicit,)
+    mesh = jax.make_mesh((1,), ("x",), axis_types=explicit, devices=jax.devices()[:1])
+    params = {"u": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
+              "i": jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)}
+    opt = sj.sevo_adamw(1e-2, a, mesh=mesh, axis_name="x")
+    ref_opt = sj.sevo_adamw(1e-2, a)
+    state, ref_state = opt.init(params), ref_opt.init(params)
+    assert isinstance(state[1].graph, sh.ShardedGraph)
+    g = jax.tree.map(lambda p: jnp.ones_like(p) * 0.3, params)
+    upd, _ = jax.jit(opt.update)(g, state, params)
+    ref, _ = ref_opt.update(g, ref_state, params)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(upd[k]), np.asarray(ref[k]), rtol=1e-6, atol=1e-7)
+
+
+def test_prebuilt_sharded_graph_and_serialization():
+    """A ShardedGraph may be passed as the adjacency; the state round-trips through flax."""
+    import flax.serialization
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import sevo_jax as sj
+    from sevo_jax import sharding as sh
+
+    rng = np.random.default_rng(2)
+    a = rng.random((7, 7)) * (rng.random((7, 7)) < 0.5)
+    a = np.triu(a, 1) + np.triu(a, 1).T
+    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    g = sh.shard_graph(sj.as_normalized_graph(a), mesh, "x", segments=(3, 4))
+    assert g.num_nodes == 7 and g.nnz == int((a != 0).sum())
+    params = (jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
+              jnp.asarray(rng.standard_normal((4, 2)), jnp.float32))
+    opt = sj.sevo_smooth(g, 0.9, 2)
+    state = opt.init(params)
+    assert state.graph is g
+    out, _ = opt.update(params, state)
+    ref, _ = sj.sevo_smooth(a, 0.9, 2).update(params, sj.sevo_smooth(a, 0.9, 2).init(params))
+    for o, r in zip(out, ref):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-6, atol=1e-7)
+    restored = flax.serialization.from_state_dict(state, flax.serialization.to_state_dict(state))
+    np.testing.assert_array_equal(np.asarray(restored.graph.weights), np.asarray(g.weights))
+    with pytest.raises(ValueError, match="built for tables"):
+        opt.init((params[1], params[0]))
+
+
+def test_errors_in_process():
+    import jax
+    import numpy as np
+
+    import sevo_jax as sj
+    from sevo_jax import sharding as sh
+
+    a = np.ones((4, 4)) - np.eye(4)
+    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="axis_name"):
+        sj.sevo_smooth(a, mesh=mesh)
+    with pytest.raises(ValueError, match="axis_name"):
+        sj.sevo_sgd(0.1, a, mesh=mesh, axis_name="y")
+    with pytest.raises(ValueError, match="axis_name"):
+        sj.sevo_adam(0.1, a, axis_name="x")
+    with pytest.raises(TypeError, match="Mesh"):
+        sj.sevo_smooth(a, mesh="x", axis_name="x")
+    with pytest.raises(ValueError, match="segments"):
+        sh.shard_graph(a, mesh, "x", segments=(2, 3))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={NUM_DEVICES}")
+    _main(sys.argv[1:] or list(CHECKS))
