@@ -16,6 +16,7 @@ All three are the recursion ``Y_l = a X + beta Ã Y_{l-1}`` (``Y_0 = X``) follow
 from __future__ import annotations
 
 import sys
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -182,10 +183,14 @@ def propagate(
     Computes in at least float32 and returns ``x.dtype``.
     """
     _check_hyperparameters(beta, num_layers, approx)
+    return _propagate(graph, jnp.asarray(x), float(beta), int(num_layers), approx)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _propagate(graph: NormalizedGraph, x: jax.Array, beta: float, num_layers: int, approx: str):
+    # jitted so that eager calls (diagnostics, notebooks) compile once per shape and setting
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    return psi_recursion(graph.matmul, x.astype(compute_dtype), beta, num_layers, approx).astype(
-        x.dtype
-    )
+    return psi_recursion(graph.matmul, x.astype(compute_dtype), beta, num_layers, approx).astype(x.dtype)
 
 
 def psi_coefficients(beta: float, num_layers: int, approx: str) -> tuple[float, float]:
