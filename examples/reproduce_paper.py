@@ -42,16 +42,23 @@ def command(args: argparse.Namespace, model: str, optimizer: str, seed: int, out
         parts += ["--format", args.format]
     if args.epochs:
         parts += ["--epochs", str(args.epochs)]
+    if args.patience is not None:
+        parts += ["--patience", str(args.patience)]
     return shlex.join(parts)
+
+
+def _format(args: argparse.Namespace) -> str:
+    return args.format or ("synthetic" if args.data is None else "seqtxt")
 
 
 def run_one(args, ds, model: str, optimizer: str, seed: int, out: Path) -> dict:
     done = out / "results.json"
     if done.exists():
         return json.loads(done.read_text())
-    fmt = args.format or ("synthetic" if args.data is None else "seqtxt")
+    fmt = _format(args)
     config = training.TrainConfig(model=model, optimizer=optimizer, seed=seed, data=args.data,
-                                  format=fmt, epochs=args.epochs, out=str(out), progress=args.progress)
+                                  format=fmt, epochs=args.epochs, out=str(out), progress=args.progress,
+                                  **({} if args.patience is None else {"patience": args.patience}))
     start = time.perf_counter()
     results = training.fit(config, dataset=ds, resume=True)
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -91,11 +98,11 @@ def main(argv=None) -> None:
     p.add_argument("--optimizers", nargs="+", default=["adamw", "sevo-adamw"], choices=training.OPTIMIZERS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="default: the paper's per model")
+    p.add_argument("--patience", type=int, default=None, help="default: the trainer's")
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
-    fmt = args.format or ("synthetic" if args.data is None else "seqtxt")
-    ds = data.load_dataset(fmt, args.data)
+    ds = data.load_dataset(_format(args), args.data)
     grid = {}
     for model in args.models:
         for optimizer in args.optimizers:
