@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--kcore", type=int, default=d.kcore)
     a("--cache-dir", default=None, help="cache preprocessed splits here (.npz)")
     a("--out", default=d.out, help="output directory")
+    a("--mesh", default=None, metavar="NAME=SIZE",
+      help="shard the item table(s), their optimizer state and the batch over SIZE devices "
+           "(one mesh axis, e.g. data=8; SIZE must divide the device count)")
+    a("--distributed", action="store_true",
+      help="several hosts: call jax.distributed.initialize() first (one process per host, all "
+           "running the same command; Slurm/Open MPI/TPU/Kubernetes are auto-detected)")
+    a("--coordinator", default=None, metavar="HOST:PORT",
+      help="with --distributed: process 0's address (default: auto-detected or "
+           "$JAX_COORDINATOR_ADDRESS)")
+    a("--num-processes", type=int, default=None, help="with --distributed (default: auto-detected)")
+    a("--process-id", type=int, default=None, help="with --distributed (default: auto-detected)")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.msgpack")
     a("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -90,7 +101,20 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f) is not None]
+    if given and not args.distributed:
+        parser.error(f"--{given[0].replace('_', '-')} needs --distributed")
+    if args.distributed:  # before anything touches a device
+        import jax
+
+        try:
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        except (RuntimeError, ValueError, TypeError) as e:  # e.g. no coordinator address found
+            sys.stderr.write(f"{PROG}: error: jax.distributed.initialize(): "
+                             f"{' '.join(str(e).split())}\n")
+            return 2
     try:
         config = config_from_args(args)
         results = training.fit(config, resume=args.resume)

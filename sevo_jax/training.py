@@ -4,6 +4,13 @@
 that the CLI writes to ``results.json``. Everything is a function of ``config.seed``: the
 parameter init, each epoch's shuffle and negatives (``default_rng([seed, epoch])``) and the
 dropout keys (``fold_in(seed, epoch, step)``), so a resumed run equals an uninterrupted one.
+
+``config.mesh = "NAME=SIZE"`` (CLI ``--mesh data=8``) trains on a one-axis device mesh: the
+embedding tables SEvo smooths (``models.sevo_mask``) and their optimizer state are split BY
+ROWS over the axis, the batch by examples over the same axis, everything else is replicated
+(:class:`MeshPlan`). Tables are padded with zero rows to a multiple of SIZE; the padding ids
+are isolated graph nodes, never sampled as negatives and excluded from ranking, and their
+rows stay exactly zero, so a sharded run computes what the unsharded one does.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.sparse as sp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sevo_jax import data as data_lib
 from sevo_jax import graph as graph_lib
 from sevo_jax import metrics as metrics_lib
 from sevo_jax import models
+from sevo_jax import sharding as sharding_lib
 from sevo_jax.optimizers import sevo_adam, sevo_adamw, sevo_sgd
 
 MODELS = ("sasrec", "gru4rec", "mfbpr")
@@ -70,6 +80,7 @@ class TrainConfig:
     cache_dir: str | None = None
     out: str = "runs/latest"
     progress: bool = True
+    mesh: str | None = None  # "NAME=SIZE": shard tables by rows and batches over SIZE devices
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -99,6 +110,11 @@ class TrainConfig:
             raise ValueError(f"format {self.format!r} needs a data path (--data)")
         if self.model == "mfbpr" and self.graph == "cooccurrence":
             raise ValueError("graph 'cooccurrence' has item nodes only; mfbpr needs 'user-item'")
+        if self.mesh is not None:
+            _, size = parse_mesh_spec(self.mesh)
+            if self.batch_size is not None and self.batch_size % size:
+                raise ValueError(f"batch_size {self.batch_size} must be a multiple of the mesh "
+                                 f"size {size} (mesh {self.mesh!r}): the batch is split over it")
 
     def resolved(self) -> "TrainConfig":
         """Fill the ``None`` defaults from spec §4 (Amazon-style unless MovieLens)."""
@@ -115,6 +131,141 @@ class TrainConfig:
             defaults["epochs"] = 40
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return dataclasses.replace(self, **filled)
+
+
+# ---- device mesh ---------------------------------------------------------------------------------
+
+
+def parse_mesh_spec(spec: str) -> tuple[str, int]:
+    """``"NAME=SIZE"`` (one mesh axis, e.g. ``"data=8"``) -> ``(NAME, SIZE)``."""
+    match = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*([0-9]+)\s*", str(spec))
+    if match is None or int(match.group(2)) < 1:
+        raise ValueError(f"mesh must be NAME=SIZE with one axis and SIZE >= 1 (e.g. data=8), "
+                         f"got {spec!r}")
+    return match.group(1), int(match.group(2))
+
+
+def build_mesh(spec: str) -> Mesh:
+    """A one-axis ``Auto`` mesh over the first SIZE of ``jax.devices()`` (SIZE must divide
+    ``jax.device_count()``). ``Auto``, not ``Explicit``: the models' ``table[ids]`` gathers then
+    compile unchanged (``sevo_jax.sharding``)."""
+    name, size = parse_mesh_spec(spec)
+    count = jax.device_count()
+    if count % size:
+        raise ValueError(f"mesh {spec!r}: SIZE {size} must equal or divide the number of "
+                         f"devices, jax.device_count() = {count}")
+    if jax.process_count() > 1 and size != count:
+        raise ValueError(f"mesh {spec!r}: on several processes SIZE must equal "
+                         f"jax.device_count() = {count} (every process needs devices in it)")
+    return jax.make_mesh((size,), (name,), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:size])
+
+
+def _to_host(tree: Any) -> Any:
+    """``jax.device_get``; on several processes, gathers every (global) array to each host."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPlan:
+    """Where each array of a sharded run lives, on a one-axis mesh of size ``P``.
+
+    * the tables selected by ``models.sevo_mask`` (SASRec/GRU4Rec item table, both MF-BPR
+      tables), padded with zero rows to a multiple of ``P``: ``P(axis, None)`` (by rows);
+    * their optimizer-state leaves (Adam moments...): the sharding of the param they mirror
+      (matched by key path); the SEvo ``ShardedGraph`` keeps its own ``P(axis)`` layout;
+    * batches: ``P(axis)`` on the leading (example) dimension; the ranking exclusion mask
+      ``P(None, axis)`` (by item columns, like the scores); everything else replicated.
+    """
+
+    mesh: Mesh
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "MeshPlan | None":
+        return None if config.mesh is None else cls(build_mesh(config.mesh))
+
+    @property
+    def axis(self) -> str:
+        return self.mesh.axis_names[0]
+
+    @property
+    def size(self) -> int:
+        return int(self.mesh.shape[self.axis])
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def rows(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(self.axis, None))
+
+    @property
+    def batch(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(self.axis))
+
+    @property
+    def columns(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(None, self.axis))
+
+    def table_rows(self, params: Any) -> list[int]:
+        """Row counts of the sharded tables, in pytree-flatten order (the graph's segments)."""
+        flags = jax.tree_util.tree_leaves(models.sevo_mask(params))
+        return [int(x.shape[0]) for x, f in zip(jax.tree_util.tree_leaves(params), flags) if f]
+
+    def pad_params(self, params: Any) -> Any:
+        """Append zero rows to each table up to a multiple of ``P`` (a no-op if it divides)."""
+        def pad(x, is_table):
+            extra = sharding_lib.pad_rows(x.shape[0], self.size) - x.shape[0] if is_table else 0
+            return jnp.pad(x, ((0, extra),) + ((0, 0),) * (x.ndim - 1)) if extra else x
+        return jax.tree_util.tree_map(pad, params, models.sevo_mask(params))
+
+    def pad_adjacency(self, adjacency: Any, params: Any) -> sp.csr_matrix:
+        """The raw graph with isolated nodes for the padding rows ``pad_params`` adds."""
+        return sharding_lib.pad_adjacency(adjacency, self.table_rows(params), self.size)
+
+    def param_shardings(self, params: Any) -> Any:
+        return jax.tree_util.tree_map(lambda f: self.rows if f else self.replicated,
+                                      models.sevo_mask(params))
+
+    def state_shardings(self, opt_state: Any, params: Any) -> Any:
+        """A leaf whose key path ENDS with a param's path and has its shape gets that param's
+        sharding; arrays already laid out on this mesh (the ``ShardedGraph``) keep theirs."""
+        param_sh = self.param_shardings(params)
+        by_path = {tuple(path): (np.shape(leaf), sh) for (path, leaf), sh in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_sh))}
+
+        def pick(path, leaf):
+            for k in range(len(path)):
+                hit = by_path.get(tuple(path[k:]))
+                if hit is not None and hit[0] == np.shape(leaf):
+                    return hit[1]
+            sh = getattr(leaf, "sharding", None)
+            if isinstance(sh, NamedSharding) and sh.mesh == self.mesh:
+                return sh
+            return self.replicated
+
+        return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+    def put(self, tree: Any, shardings: Any) -> Any:
+        """Place host or device arrays with ``shardings`` (a matching tree or one sharding).
+        Host data goes through ``jax.make_array_from_callback``: each process uploads only its
+        own devices' pieces, so this also works on several hosts (same values on each)."""
+        def put(x, sh):
+            if isinstance(x, jax.Array):
+                if x.sharding.is_equivalent_to(sh, x.ndim):
+                    return x
+                if not x.is_fully_addressable:
+                    return jax.device_put(x, sh)
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+
+        if isinstance(shardings, jax.sharding.Sharding):
+            return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)
+        return jax.tree_util.tree_map(put, tree, shardings)
 
 
 # ---- data to batches ----------------------------------------------------------------------------
@@ -218,13 +369,17 @@ def eval_inputs(config: TrainConfig, ds: data_lib.SequenceDataset, split: str) -
 # ---- model, graph, optimizer --------------------------------------------------------------------
 
 
-def build_model(config: TrainConfig, ds: data_lib.SequenceDataset) -> nn.Module:
+def build_model(config: TrainConfig, ds: data_lib.SequenceDataset, row_multiple: int = 1) -> nn.Module:
+    """The model of ``config.model``; ``row_multiple > 1`` sizes its tables (``num_items + 1``
+    rows, MF-BPR's ``num_users``) up to a multiple of it (padding ids for a mesh)."""
+    num_items = sharding_lib.pad_rows(ds.num_items + 1, row_multiple) - 1
+    num_users = sharding_lib.pad_rows(ds.num_users, row_multiple)
     if config.model == "sasrec":
-        return models.SASRec(ds.num_items, config.maxlen, config.features, config.num_blocks,
+        return models.SASRec(num_items, config.maxlen, config.features, config.num_blocks,
                              config.num_heads, config.dropout)
     if config.model == "gru4rec":
-        return models.GRU4Rec(ds.num_items, config.features, config.dropout)
-    return models.MFBPR(ds.num_users, ds.num_items, config.features)
+        return models.GRU4Rec(num_items, config.features, config.dropout)
+    return models.MFBPR(num_users, num_items, config.features)
 
 
 def build_graph(config: TrainConfig, ds: data_lib.SequenceDataset) -> sp.csr_matrix:
@@ -248,10 +403,18 @@ def build_graph(config: TrainConfig, ds: data_lib.SequenceDataset) -> sp.csr_mat
         num_pads=1)
 
 
-def build_optimizer(config: TrainConfig, adjacency: Any) -> optax.GradientTransformation:
-    """The six optimizers of the CLI; the ``sevo-*`` ones smooth the tables of ``sevo_mask``."""
+def build_optimizer(config: TrainConfig, adjacency: Any,
+                    mesh: Mesh | None = None) -> optax.GradientTransformation:
+    """The six optimizers of the CLI; the ``sevo-*`` ones smooth the tables of ``sevo_mask``.
+
+    With ``config.mesh`` the ``sevo-*`` ones run psi row-sharded over the mesh's axis (``mesh``
+    defaults to ``build_mesh(config.mesh)``); ``adjacency`` must then have one node per row of
+    the PADDED tables (``MeshPlan.pad_adjacency``)."""
     c = config
     sevo = dict(beta=c.beta, num_layers=c.num_layers, mask=models.sevo_mask, approx=c.approx)
+    if c.mesh is not None and c.optimizer.startswith("sevo"):
+        mesh = build_mesh(c.mesh) if mesh is None else mesh
+        sevo.update(mesh=mesh, axis_name=mesh.axis_names[0])
     if c.optimizer == "adamw":
         return optax.adamw(c.lr, c.b1, c.b2, c.eps, weight_decay=c.weight_decay)
     if c.optimizer == "sevo-adamw":
@@ -264,6 +427,41 @@ def build_optimizer(config: TrainConfig, adjacency: Any) -> optax.GradientTransf
     if c.optimizer == "sgd":
         return optax.chain(optax.add_decayed_weights(c.weight_decay), optax.sgd(c.lr, c.momentum))
     return sevo_sgd(c.lr, adjacency, momentum=c.momentum, weight_decay=c.weight_decay, **sevo)
+
+
+def init_training(config: TrainConfig, ds: data_lib.SequenceDataset, plan: MeshPlan | None = None,
+                  adjacency: Any = None) -> tuple[nn.Module, optax.GradientTransformation, Any, Any]:
+    """``(model, optimizer, params, opt_state)`` of a resolved ``config``, seeded by ``config.seed``.
+
+    ``adjacency``: the raw graph (default ``build_graph``, for the ``sevo-*`` optimizers).
+    With a ``plan`` the params are initialised exactly as without one, then the tables get
+    zero padding rows (``MeshPlan.pad_params``), the graph matching isolated nodes, the model
+    the padded sizes, and params and state are placed by ``plan``'s shardings."""
+    model = build_model(config, ds)
+    if adjacency is None and config.optimizer.startswith("sevo"):
+        adjacency = build_graph(config, ds)
+    init_input = (jnp.zeros((1,), jnp.int32) if config.model == "mfbpr"
+                  else jnp.zeros((1, config.maxlen), jnp.int32))
+    init_kwargs = {} if config.model == "mfbpr" else {"deterministic": True}
+    if plan is None:
+        params = model.init(jax.random.PRNGKey(config.seed), init_input, **init_kwargs)["params"]
+        optimizer = build_optimizer(config, adjacency)
+        return model, optimizer, params, optimizer.init(params)
+
+    def init_padded(key):  # under jit, so no table is ever whole on one device
+        unpadded = model.init(key, init_input, **init_kwargs)["params"]
+        return plan.pad_params(unpadded)
+
+    key = jax.random.PRNGKey(config.seed)
+    shapes = jax.eval_shape(lambda k: model.init(k, init_input, **init_kwargs)["params"], key)
+    if adjacency is not None:
+        adjacency = plan.pad_adjacency(adjacency, shapes)
+    params = jax.jit(init_padded, out_shardings=plan.param_shardings(shapes))(key)
+    model = build_model(config, ds, plan.size)
+    optimizer = build_optimizer(config, adjacency, plan.mesh)
+    opt_state = optimizer.init(params)
+    opt_state = plan.put(opt_state, plan.state_shardings(opt_state, params))
+    return model, optimizer, params, opt_state
 
 
 # ---- step and evaluation ------------------------------------------------------------------------
@@ -289,21 +487,34 @@ def make_loss_fn(config: TrainConfig, model: nn.Module) -> Callable:
     return loss_fn
 
 
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
-    """``(params, opt_state, batch, key) -> (params, opt_state, loss)``, jit-compiled."""
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+                    shardings: tuple[Any, Any, Any] | None = None) -> Callable:
+    """``(params, opt_state, batch, key) -> (params, opt_state, loss)``, jit-compiled.
+
+    ``shardings = (params shardings, opt_state shardings, replicated sharding)`` pins the
+    step's layout on a one-axis mesh (``MeshPlan``): params and state keep their shardings,
+    the batch is split over the axis by examples (leading dimension), the key and the loss
+    are replicated."""
 
     def train_step(params, opt_state, batch, key):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(train_step, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=(0, 1))
+    params_sh, state_sh, replicated = shardings
+    batch_sh = NamedSharding(replicated.mesh, PartitionSpec(replicated.mesh.axis_names[0]))
+    return jax.jit(train_step, donate_argnums=(0, 1),
+                   in_shardings=(params_sh, state_sh, batch_sh, replicated),
+                   out_shardings=(params_sh, state_sh, replicated))
 
 
-def make_scorer(config: TrainConfig, model: nn.Module) -> Callable:
-    """``(params, inputs, targets, exclude) -> per-example metrics`` over the full catalogue."""
+def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None) -> Callable:
+    """``(params, inputs, targets, exclude) -> per-example metrics`` over the full catalogue.
 
-    @jax.jit
+    With a ``mesh`` the per-example metrics come back replicated."""
+
     def score(params, inputs, targets, exclude):
         variables = {"params": params}
         if config.model == "mfbpr":
@@ -315,12 +526,16 @@ def make_scorer(config: TrainConfig, model: nn.Module) -> Callable:
         scores = model.apply(variables, user, method="score_all")
         return metrics_lib.ranking_metrics(metrics_lib.target_ranks(scores, targets, exclude))
 
-    return score
+    if mesh is None:
+        return jax.jit(score)
+    return jax.jit(score, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.SequenceDataset,
-             split: str) -> dict[str, float]:
-    """Full-ranking HR@k / NDCG@k of ``split`` over all users; earlier items are masked."""
+             split: str, plan: MeshPlan | None = None) -> dict[str, float]:
+    """Full-ranking HR@k / NDCG@k of ``split`` over all users; earlier items are masked.
+
+    With a ``plan`` the catalogue has padding ids past ``num_items``; they are masked too."""
     inputs = eval_inputs(config, ds, split)
     targets = (ds.valid if split == "valid" else ds.test).astype(np.int32)
     seen = ds.seen_items(split)
@@ -331,7 +546,15 @@ def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.Se
         pad = bs - rows.size
         batch_rows = np.concatenate([rows, np.zeros(pad, rows.dtype)])
         exclude = seen[batch_rows].toarray().astype(bool)
-        out = scorer(params, inputs[batch_rows], targets[batch_rows], exclude)
+        if plan is None:
+            out = scorer(params, inputs[batch_rows], targets[batch_rows], exclude)
+        else:  # padding ids (past num_items) are excluded like seen items
+            num_ids = sharding_lib.pad_rows(ds.num_items + 1, plan.size)
+            exclude = np.pad(exclude, ((0, 0), (0, num_ids - exclude.shape[1])),
+                             constant_values=True)
+            out = scorer(params, plan.put(inputs[batch_rows], plan.replicated),
+                         plan.put(targets[batch_rows], plan.replicated),
+                         plan.put(exclude, plan.columns))
         acc.update(out, mask=jnp.asarray(np.arange(bs) < rows.size))
     return acc.compute()
 
@@ -369,8 +592,8 @@ def load_checkpoint(path: Path, params, opt_state, config: dict):
     ignore = {"epochs", "out", "progress", "patience"}
     old = {k: v for k, v in meta["config"].items() if k not in ignore}
     new = {k: v for k, v in config.items() if k not in ignore}
-    if old != new:
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:  # a field missing from an older checkpoint counts as None (its default)
         raise ValueError(f"cannot resume {path}: its config differs in {', '.join(diff)}")
     template = {"params": params, "opt_state": opt_state, "best_params": params}
     state = flax.serialization.from_bytes(template, path.read_bytes())
@@ -387,38 +610,38 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
     to ``config.out`` and returns the results dict."""
     config = config.resolved()
     config.validate()
+    plan = MeshPlan.from_config(config)  # a bad --mesh fails here, before any data is read
     out = Path(config.out)
     ds = dataset if dataset is not None else data_lib.load_dataset(
         config.format, config.data, cache_dir=config.cache_dir, kcore=config.kcore)
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = dataclasses.asdict(config)
 
-    model = build_model(config, ds)
+    model, optimizer, params, opt_state = init_training(config, ds, plan)
     examples = training_examples(config, ds)
     sampler = NegativeSampler(ds)
-    adjacency = build_graph(config, ds) if config.optimizer.startswith("sevo") else None
-    optimizer = build_optimizer(config, adjacency)
-    init_input = (jnp.zeros((1,), jnp.int32) if config.model == "mfbpr"
-                  else jnp.zeros((1, config.maxlen), jnp.int32))
-    init_kwargs = {} if config.model == "mfbpr" else {"deterministic": True}
-    params = model.init(jax.random.PRNGKey(config.seed), init_input, **init_kwargs)["params"]
-    opt_state = optimizer.init(params)
-    best_params = jax.device_get(params)
+    best_params = jax.device_get(params) if plan is None else _to_host(params)
     progress = Progress()
+    shardings = None if plan is None else (
+        plan.param_shardings(params), plan.state_shardings(opt_state, params), plan.replicated)
+    writer = plan is None or jax.process_index() == 0  # several hosts: process 0 writes
 
     ckpt = out / "checkpoint.msgpack"
     log_path = out / "metrics.jsonl"
     if resume and ckpt.exists():
         params, opt_state, best_params, progress = load_checkpoint(ckpt, params, opt_state, cfg_dict)
+        if plan is not None:
+            params, opt_state = plan.put((params, opt_state), shardings[:2])
         kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
                 if json.loads(line)["epoch"] <= progress.epoch]
-        log_path.write_text("".join(line + "\n" for line in kept))
+        if writer:
+            log_path.write_text("".join(line + "\n" for line in kept))
         log(f"resumed from {ckpt} after epoch {progress.epoch}")
-    elif log_path.exists():
+    elif log_path.exists() and writer:
         log_path.unlink()
 
-    train_step = make_train_step(make_loss_fn(config, model), optimizer)
-    scorer = make_scorer(config, model)
+    train_step = make_train_step(make_loss_fn(config, model), optimizer, shardings)
+    scorer = make_scorer(config, model, None if plan is None else plan.mesh)
     base_key = jax.random.PRNGKey(config.seed)
     bar = _progress_bar(config, progress.epoch)
     stopped = progress.evals_since_best >= (config.patience or np.inf)
@@ -428,8 +651,12 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
         t0 = time.perf_counter()
         rng = np.random.default_rng([config.seed, epoch])
         epoch_key = jax.random.fold_in(base_key, epoch)
+        if plan is not None:
+            epoch_key = plan.put(epoch_key, plan.replicated)
         losses = []
         for step, batch in enumerate(examples.epoch_batches(sampler, config.batch_size, rng)):
+            if plan is not None:
+                batch = plan.put(batch, plan.batch)
             params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(epoch_key, step))
             losses.append(loss)
         record = {"epoch": epoch, "loss": float(np.mean(jax.device_get(losses))),
@@ -439,25 +666,34 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
                                      "lower --lr or check the data")
         progress.epoch = epoch
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            valid = evaluate(config, scorer, params, ds, "valid")
+            valid = evaluate(config, scorer, params, ds, "valid", plan)
             record["valid"] = valid
             if valid["NDCG@10"] > progress.best_score:
                 progress.best_score, progress.best_epoch, progress.best_valid = valid["NDCG@10"], epoch, valid
                 progress.evals_since_best = 0
-                best_params = jax.device_get(params)
+                best_params = jax.device_get(params) if plan is None else _to_host(params)
             else:
                 progress.evals_since_best += 1
             stopped = progress.evals_since_best >= (config.patience or np.inf)
-            save_checkpoint(ckpt, params, opt_state, best_params, progress, cfg_dict)
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            if plan is None:
+                save_checkpoint(ckpt, params, opt_state, best_params, progress, cfg_dict)
+            else:
+                host_params, host_state = _to_host((params, opt_state))
+                if writer:
+                    save_checkpoint(ckpt, host_params, host_state, best_params, progress, cfg_dict)
+        if writer:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         bar.update(record, progress)
     bar.close()
 
-    test = evaluate(config, scorer, best_params, ds, "test")
+    if plan is not None:
+        best_params = plan.put(best_params, shardings[0])
+    test = evaluate(config, scorer, best_params, ds, "test", plan)
     results = {"valid": progress.best_valid, "test": test, "best_epoch": progress.best_epoch,
                "epochs_run": progress.epoch, "config": cfg_dict, "data": ds.stats()}
-    _write_atomic(out / "results.json", json.dumps(results, indent=2).encode())
+    if writer:
+        _write_atomic(out / "results.json", json.dumps(results, indent=2).encode())
     return results
 
 
