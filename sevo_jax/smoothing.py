@@ -78,11 +78,14 @@ class NormalizedGraph:
     @classmethod
     def from_scipy(cls, normalized: sp.spmatrix) -> "NormalizedGraph":
         """Wrap an already-normalised scipy matrix (use ``as_normalized_graph`` for raw ones)."""
-        coo = sp.coo_matrix(normalized)
-        order = np.lexsort((coo.col, coo.row))
-        index_dtype = np.int32 if coo.shape[0] < 2**31 else np.int64
-        indices = np.stack([coo.row[order], coo.col[order]], axis=1).astype(index_dtype)
-        return cls(jnp.asarray(indices), jnp.asarray(coo.data[order].astype(np.float32)), coo.shape[0])
+        csr = sp.csr_matrix(normalized)  # canonical CSR is already sorted by (row, col)
+        csr.sum_duplicates()
+        n = csr.shape[0]
+        index_dtype = np.int32 if n < 2**31 else np.int64
+        indices = np.empty((csr.nnz, 2), index_dtype)
+        indices[:, 0] = np.repeat(np.arange(n, dtype=index_dtype), np.diff(csr.indptr))
+        indices[:, 1] = csr.indices
+        return cls(jnp.asarray(indices), jnp.asarray(csr.data.astype(np.float32)), n)
 
     def to_scipy(self) -> sp.csr_matrix:
         idx = np.asarray(self.indices)
