@@ -1,0 +1,1 @@
+"""Benchmark scripts for sevo_jax (run them as ``python benchmarks/<script>.py``; see README)."""
