@@ -13,16 +13,13 @@ here pads the item table to 152 rows (one padding id, 151).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-NUM_DEVICES = 8
+from tests import helpers
+from tests.helpers import NUM_DEVICES
 SMALL = dict(maxlen=8, features=16, num_blocks=1, batch_size=64, eval_batch_size=128,
              progress=False)
 # Leaves whose exact gradient is zero (a softmax ignores a bias shared by all keys): their
@@ -203,61 +200,22 @@ def check_mesh_smaller_than_device_count():
             raise AssertionError(bad)
 
 
-CHECKS = {k[len("check_"):]: fn for k, fn in list(globals().items()) if k.startswith("check_")}
-
-
-def _main(names):
-    for name in names:
-        try:
-            CHECKS[name]()
-        except Exception:  # report every check, keep going
-            print(f"FAIL {name}: " + traceback.format_exc().replace("\n", "\n    "), flush=True)
-        else:
-            print(f"PASS {name}", flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# pytest side
-# --------------------------------------------------------------------------------------------
+CHECKS = helpers.collect_checks(globals())
 
 
 @pytest.fixture(scope="module")
 def sharded_run():
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     # LLVM -O0: the checks are compile-bound and compare two programs compiled alike; the
     # sharding passes are HLO passes and run as usual
-    flags = f"--xla_force_host_platform_device_count={NUM_DEVICES} --xla_backend_optimization_level=0"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": pythonpath, "XLA_FLAGS": flags}
-    script = str(Path(__file__).resolve())
-    return subprocess.run([sys.executable, script, *CHECKS], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return helpers.run_checks(__file__, CHECKS, "--xla_backend_optimization_level=0")
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_sharded_training(sharded_run, name):
-    out = sharded_run.stdout
-    lines = [line for line in out.splitlines() if line.startswith(("PASS ", "FAIL "))]
-    mine = [i for i, line in enumerate(lines) if line.split(":")[0].split()[1] == name]
-    err = sharded_run.stderr[-3000:]
-    assert mine, f"check {name} did not report (exit {sharded_run.returncode}):\n{out}\n{err}"
-    start = out.index(lines[mine[0]])
-    assert lines[mine[0]].startswith("PASS "), out[start:start + 4000]
+    helpers.assert_check_passed(sharded_run, name)
 
 
 # Command line, in-process (no devices needed: these fail before anything is built).
-
-
-def _fails_cleanly(capsys, argv, needle):
-    from sevo_jax.train import main
-
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    err = capsys.readouterr().err.strip()
-    assert code != 0
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert needle in err, err
 
 
 @pytest.mark.parametrize(
@@ -275,7 +233,7 @@ def _fails_cleanly(capsys, argv, needle):
     ],
 )
 def test_bad_mesh_is_one_line(capsys, tmp_path, argv, needle):
-    _fails_cleanly(capsys, argv + ["--out", str(tmp_path), "--no-progress"], needle)
+    helpers.fails_cleanly(capsys, argv + ["--out", str(tmp_path), "--no-progress"], needle)
 
 
 def test_mesh_spec_parsing():
@@ -302,5 +260,4 @@ def test_distributed_and_mesh_flags_parse():
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={NUM_DEVICES}")
-    _main(sys.argv[1:] or list(CHECKS))
+    helpers.script_main(CHECKS, sys.argv[1:])

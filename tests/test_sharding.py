@@ -9,16 +9,12 @@ once and each test asserts on its own line. Cheap single-device checks run in-pr
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import traceback
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-NUM_DEVICES = 8
+from tests import helpers
+from tests.helpers import NUM_DEVICES
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,44 +288,17 @@ def check_bad_axis_name():
         raise AssertionError("no ValueError for 15 rows on a 16-node graph")
 
 
-CHECKS = {k[len("check_"):]: fn for k, fn in list(globals().items()) if k.startswith("check_")}
-
-
-def _main(names):
-    for name in names:
-        try:
-            CHECKS[name]()
-        except Exception:  # report every check, keep going
-            print(f"FAIL {name}: " + traceback.format_exc().replace("\n", "\n    "), flush=True)
-        else:
-            print(f"PASS {name}", flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# pytest side
-# --------------------------------------------------------------------------------------------
+CHECKS = helpers.collect_checks(globals())
 
 
 @pytest.fixture(scope="module")
 def sharded_run():
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": pythonpath,
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={NUM_DEVICES}"}
-    script = str(Path(__file__).resolve())
-    proc = subprocess.run([sys.executable, script, *CHECKS], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    return proc
+    return helpers.run_checks(__file__, CHECKS)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_sharded(sharded_run, name):
-    out = sharded_run.stdout
-    lines = [line for line in out.splitlines() if line.startswith(("PASS ", "FAIL "))]
-    mine = [i for i, line in enumerate(lines) if line.split(":")[0].split()[1] == name]
-    err = sharded_run.stderr[-3000:]
-    assert mine, f"check {name} did not report (exit {sharded_run.returncode}):\n{out}\n{err}"
-    start = out.index(lines[mine[0]])
-    assert lines[mine[0]].startswith("PASS "), out[start:start + 4000]
+    helpers.assert_check_passed(sharded_run, name)
 
 
 # Single-device, in-process checks.
@@ -448,5 +417,4 @@ def test_errors_in_process():
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={NUM_DEVICES}")
-    _main(sys.argv[1:] or list(CHECKS))
+    helpers.script_main(CHECKS, sys.argv[1:])

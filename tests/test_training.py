@@ -7,6 +7,7 @@ import pytest
 
 from sevo_jax import data, training
 from sevo_jax.train import main
+from tests import helpers
 
 KEYS = {"HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"}
 SMALL = dict(maxlen=12, features=16, num_blocks=1, batch_size=64, progress=False)
@@ -133,17 +134,6 @@ def test_left_padded():
 # ---- bad input: one line on stderr, non-zero exit, no traceback --------------------------------
 
 
-def _fails_cleanly(capsys, argv, needle):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    err = capsys.readouterr().err.strip()
-    assert code != 0
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert needle in err, err
-
-
 @pytest.mark.parametrize(
     "argv,needle",
     [
@@ -156,13 +146,13 @@ def _fails_cleanly(capsys, argv, needle):
     ],
 )
 def test_bad_flags(capsys, tmp_path, argv, needle):
-    _fails_cleanly(capsys, argv + ["--out", str(tmp_path), "--no-progress"], needle)
+    helpers.fails_cleanly(capsys, argv + ["--out", str(tmp_path), "--no-progress"], needle)
 
 
 def test_empty_and_malformed_files(capsys, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    _fails_cleanly(capsys, ["--data", str(empty), "--out", str(tmp_path / "o")], "empty")
+    helpers.fails_cleanly(capsys, ["--data", str(empty), "--out", str(tmp_path / "o")], "empty")
     bad = tmp_path / "bad.txt"
     bad.write_text("1 1 2 3\n2 4 x 6\n")
-    _fails_cleanly(capsys, ["--data", str(bad), "--out", str(tmp_path / "o")], "bad.txt:2")
+    helpers.fails_cleanly(capsys, ["--data", str(bad), "--out", str(tmp_path / "o")], "bad.txt:2")
