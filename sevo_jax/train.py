@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=d.seed)
     a("--eval-every", type=int, default=d.eval_every)
     a("--patience", type=int, default=d.patience,
-      help="stop after this many evaluations without a better validation NDCG@10")
+      help="stop after this many evaluations without a better validation NDCG@10 "
+           "(default: off, train all epochs as the paper does)")
     a("--eval-batch-size", type=int, default=d.eval_batch_size)
     a("--kcore", type=int, default=d.kcore)
     a("--cache-dir", default=None, help="cache preprocessed splits here (.npz)")

@@ -74,7 +74,7 @@ class TrainConfig:
     dropout: float | None = None
     seed: int = 0
     eval_every: int = 5
-    patience: int | None = 10
+    patience: int | None = None  # off: SEvo's slower plateaus outlast short patience (RESULTS.md)
     eval_batch_size: int = 1024
     kcore: int = 0
     cache_dir: str | None = None
