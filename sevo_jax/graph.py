@@ -39,6 +39,16 @@ def _check_ids(name: str, ids: np.ndarray, upper: int) -> None:
         )
 
 
+def _id_pairs(names: tuple[str, str], a, b, bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Two equally long integer id arrays, each checked against its ``[0, bound)``."""
+    x, y = _as_int_array(names[0], a), _as_int_array(names[1], b)
+    if x.shape != y.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same length, got {x.size} and {y.size}")
+    _check_ids(names[0], x, int(bounds[0]))
+    _check_ids(names[1], y, int(bounds[1]))
+    return x, y
+
+
 def _symmetric_csr(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, n: int) -> sp.csr_matrix:
     """Sum of (rows, cols, w) and its transpose as CSR, duplicates summed."""
     r = np.concatenate([rows, cols])
@@ -123,12 +133,7 @@ def user_item_graph(
     ``num_users + num_pads + x``. Each training interaction adds an undirected edge of weight 1;
     repeated interactions are merged (weight stays 1).
     """
-    u = _as_int_array("users", users)
-    i = _as_int_array("items", items)
-    if u.shape != i.shape:
-        raise ValueError(f"users and items must have the same length, got {u.size} and {i.size}")
-    _check_ids("users", u, int(num_users))
-    _check_ids("items", i, int(num_items))
+    u, i = _id_pairs(("users", "items"), users, items, (num_users, num_items))
     n = int(num_users) + int(num_pads) + int(num_items)
     a = _symmetric_csr(u, i + num_users + num_pads, np.ones(u.size), n)
     a.data[:] = 1.0
@@ -175,12 +180,7 @@ def edge_list_graph(
     Each pair ``(src[k], dst[k])`` is one undirected edge of weight ``weights[k]`` (default 1).
     A self-loop ``(i, i)`` therefore adds ``2 w`` to ``A_ii``.
     """
-    s = _as_int_array("src", src)
-    d = _as_int_array("dst", dst)
-    if s.shape != d.shape:
-        raise ValueError(f"src and dst must have the same length, got {s.size} and {d.size}")
-    _check_ids("src", s, int(num_nodes))
-    _check_ids("dst", d, int(num_nodes))
+    s, d = _id_pairs(("src", "dst"), src, dst, (num_nodes, num_nodes))
     w = np.ones(s.size) if weights is None else np.asarray(weights, np.float64).ravel()
     if w.shape != s.shape:
         raise ValueError(f"weights must have one entry per edge ({s.size}), got {w.size}")

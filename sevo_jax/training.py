@@ -573,6 +573,10 @@ class Progress:
     best_valid: dict | None = None
     evals_since_best: int = 0
 
+    def stopped(self, patience: int | None) -> bool:
+        """Early stopping: ``patience`` evaluations without a better score (None: never)."""
+        return patience is not None and self.evals_since_best >= patience
+
 
 def _write_atomic(path: Path, blob: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -621,7 +625,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
     model, optimizer, params, opt_state = init_training(config, ds, plan)
     examples = training_examples(config, ds)
     sampler = NegativeSampler(ds)
-    best_params = jax.device_get(params) if plan is None else _to_host(params)
+    best_params = _to_host(params)
     progress = Progress()
     shardings = None if plan is None else (
         plan.param_shardings(params), plan.state_shardings(opt_state, params), plan.replicated)
@@ -645,7 +649,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
     scorer = make_scorer(config, model, None if plan is None else plan.mesh)
     base_key = jax.random.PRNGKey(config.seed)
     bar = _progress_bar(config, progress.epoch)
-    stopped = progress.evals_since_best >= (config.patience or np.inf)
+    stopped = progress.stopped(config.patience)
     for epoch in range(progress.epoch + 1, config.epochs + 1):
         if stopped:
             break
@@ -672,16 +676,13 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
             if valid["NDCG@10"] > progress.best_score:
                 progress.best_score, progress.best_epoch, progress.best_valid = valid["NDCG@10"], epoch, valid
                 progress.evals_since_best = 0
-                best_params = jax.device_get(params) if plan is None else _to_host(params)
+                best_params = _to_host(params)
             else:
                 progress.evals_since_best += 1
-            stopped = progress.evals_since_best >= (config.patience or np.inf)
-            if plan is None:
-                save_checkpoint(ckpt, params, opt_state, best_params, progress, cfg_dict)
-            else:
-                host_params, host_state = _to_host((params, opt_state))
-                if writer:
-                    save_checkpoint(ckpt, host_params, host_state, best_params, progress, cfg_dict)
+            stopped = progress.stopped(config.patience)
+            host_params, host_state = _to_host((params, opt_state))
+            if writer:
+                save_checkpoint(ckpt, host_params, host_state, best_params, progress, cfg_dict)
         if writer:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
