@@ -65,9 +65,8 @@ def main(argv=None):
     import numpy as np
 
     import graphs as graph_gen
-    from candidates import ForcedImpl
     from sevo_jax.graph import normalize
-    from sevo_jax.smoothing import NormalizedGraph, propagate
+    from sevo_jax.smoothing import NormalizedGraph, default_matmul_impl, propagate
 
     T = _util.Timer
     jax.block_until_ready(jnp.zeros(1))
@@ -85,8 +84,7 @@ def main(argv=None):
 
     def psi_fn(impl):
         def psi(graph, y):
-            gr = graph if impl is None else ForcedImpl(graph, impl)
-            return propagate(gr, y, beta, L, "neumann")
+            return propagate(graph, y, beta, L, "neumann", impl=impl)
 
         return psi
 
@@ -132,7 +130,7 @@ def main(argv=None):
                 jax.block_until_ready(f2(*call_args2))
             del f2
             results.append(dict(
-                impl=impl or f"default ({'bcoo' if jax.default_backend() == 'cpu' else 'segment_sum'})",
+                impl=impl or f"default ({default_matmul_impl()})",
                 variant=kind, lower_s=t_lower.s, compile_s=t_compile.s, first_call_s=t_first.s,
                 steady_s=statistics.median(steady), steady_all_s=steady, end_to_end_first_call_s=t_e2e.s,
                 rel_err_vs_first=err, memory=mem))

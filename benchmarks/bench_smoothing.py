@@ -4,11 +4,9 @@ For each case the same normalised graph and signal X (n x d, float32) go to
 
   * ``scipy``: ``Y = X; 3x: Y = X + beta * (A @ Y); return c * Y`` with a float32 CSR ``A``
     (scipy's sparse matmul is single-threaded);
-  * ``bcoo`` / ``segment_sum``: ``sevo_jax.smoothing.propagate`` jitted with the graph passed as
-    an ARGUMENT (a ``NormalizedGraph`` pytree) and the matmul implementation forced;
-  * ``chunked``: the same ``propagate`` with ``candidates.chunked_matmul`` (a CANDIDATE
-    implementation that lives in benchmarks/, not in the library: nnz walked in cache-sized
-    chunks in a ``fori_loop`` instead of one (nnz, d) gather + scatter-add);
+  * ``chunked`` (the CPU default) / ``segment_sum`` / ``bcoo``: ``sevo_jax.smoothing.propagate``
+    jitted with the graph passed as an ARGUMENT (a ``NormalizedGraph`` pytree) and ``impl=``
+    each of ``sevo_jax.smoothing.MATMUL_IMPLS`` (``sparse_matmul`` describes them);
 
 timed side by side in the same process (interleaved repetitions, warm-up/compilation
 excluded, ``block_until_ready``), and the ratio jax/scipy is the median of the per-repetition
@@ -72,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--graphs", type=_str_list, default=_str_list("uniform,powerlaw"))
     p.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of the power-law graph")
     p.add_argument("--impls", type=_str_list, default=_str_list("bcoo,segment_sum,chunked"),
-                   help="library impls 'bcoo', 'segment_sum'; 'chunked[:N]' = the candidate in candidates.py")
+                   help="comma-separated sevo_jax.smoothing.MATMUL_IMPLS")
     p.add_argument("--threads", type=_str_list, default=None,
                    help="thread settings, each in its own process: 'all' and/or '1' (one core); "
                    "default 'all,1' ('1' under --smoke)")
@@ -149,7 +147,6 @@ def worker(args) -> None:
     from scipy.sparse.csgraph import reverse_cuthill_mckee
 
     import graphs as graph_gen
-    from candidates import ForcedImpl
     from sevo_jax.graph import normalize
     from sevo_jax.smoothing import NormalizedGraph, propagate
 
@@ -158,7 +155,7 @@ def worker(args) -> None:
 
     def make_psi(impl):
         def psi(g, x):
-            return propagate(ForcedImpl(g, impl), x, beta, L, "neumann")
+            return propagate(g, x, beta, L, "neumann", impl=impl)
 
         return jax.jit(psi)
 

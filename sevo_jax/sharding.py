@@ -17,7 +17,7 @@ with weight-0 edges aimed at an out-of-range row (dropped by the scatter) and st
 arrays of shape ``(P, E_max, ...)`` sharded on their leading axis. Padding rows have no edges
 in or out, start at zero and are sliced off, so they never leak into real rows. One layer is
 an ``all_gather`` of the (n_local, d) local signal into the full (P * n_local, d) one (the only
-communication), a gather of the edges' columns and a sorted segment sum into the local rows;
+communication), then the local sparse product (``smoothing.sparse_matmul``, by backend) into the local rows;
 the whole recursion ``Y_l = a X + beta Ã Y_{l-1}`` (``smoothing.psi_recursion``, the same
 arithmetic as ``propagate``) runs inside the one ``shard_map``. Memory per device: its edge
 block plus one gathered (P * n_local, d) signal at a time.
@@ -49,7 +49,9 @@ through ``jax.make_array_from_callback``), and use a global mesh over ``jax.devi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.serialization
@@ -58,21 +60,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.sparse as sp
-from jax.experimental import sparse as jsparse
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PSpec
 
 from sevo_jax import smoothing
 
 __all__ = [
+    "MeshPlan",
     "ShardedGraph",
+    "build_mesh",
     "check_axis",
     "pad_adjacency",
     "pad_rows",
+    "parse_mesh_spec",
     "propagate_sharded",
     "row_sharding",
     "shard_graph",
     "sharded_sevo_smooth",
+    "to_host",
 ]
 
 
@@ -287,17 +292,6 @@ def _is_explicit(mesh: Mesh, axis_name: str) -> bool:
     return axis_type == jax.sharding.AxisType.Explicit
 
 
-def _local_matmul(idx, w, full, n_local, impl):
-    """``Ã_k @ full``: this device's rows of ``Ã`` times the gathered signal, (n_local, d)."""
-    w = w.astype(full.dtype)
-    if impl == "bcoo":
-        a = jsparse.BCOO((w, idx), shape=(n_local, full.shape[0]), indices_sorted=True)
-        return a @ full
-    return jax.ops.segment_sum(
-        w[:, None] * full[idx[:, 1]], idx[:, 0], num_segments=n_local, indices_are_sorted=True
-    )
-
-
 def propagate_sharded(
     graph: ShardedGraph,
     tables: jax.Array | Sequence[jax.Array],
@@ -312,12 +306,10 @@ def propagate_sharded(
     Equals ``smoothing.propagate`` on the row-wise concatenation, split back. Returns one
     array (when given one) or a list, each in its table's dtype; a table whose row count is a
     multiple of the axis size comes back ``NamedSharding(mesh, P(axis, None))``.
-    ``impl``: ``"segment_sum"`` (default) or ``"bcoo"`` for the local sparse product.
+    ``impl``: the local sparse product, one of ``smoothing.MATMUL_IMPLS``; None picks by backend.
     """
     smoothing._check_hyperparameters(beta, num_layers, approx)
-    impl = "segment_sum" if impl is None else impl
-    if impl not in ("segment_sum", "bcoo"):
-        raise ValueError(f"impl must be 'bcoo', 'segment_sum' or None, got {impl!r}")
+    smoothing._check_impl(impl)
     single = not isinstance(tables, (list, tuple))
     tables = [tables] if single else list(tables)
     shapes = [jnp.shape(t) for t in tables]
@@ -352,7 +344,7 @@ def propagate_sharded(
 
         def matmul(y):
             full = jax.lax.all_gather(y, axis, tiled=True)
-            return _local_matmul(idx, w, full, n_local, impl)
+            return smoothing.sparse_matmul(idx, w, full, n_local, impl)
 
         y = smoothing.psi_recursion(matmul, x, beta, num_layers, approx)
         return tuple(jnp.split(y, splits)) if len(blocks) > 1 else (y,)
@@ -383,6 +375,7 @@ def sharded_sevo_smooth(
     mask: Any = None,
     mesh: Mesh | None = None,
     axis_name: str | None = None,
+    impl: str | None = None,
 ) -> optax.GradientTransformation:
     """``sevo_smooth(..., mesh=, axis_name=)``: psi row-sharded across ``mesh``'s ``axis_name``.
 
@@ -441,8 +434,140 @@ def sharded_sevo_smooth(
                 f"the masked tables have {[x.shape[0] for x in chosen]} rows but the state's "
                 f"ShardedGraph was built (at init) for {list(graph.segments)}"
             )
-        smoothed = iter(propagate_sharded(graph, chosen, beta, num_layers, approx))
+        smoothed = iter(propagate_sharded(graph, chosen, beta, num_layers, approx, impl=impl))
         out = [next(smoothed) if f else x for x, f in zip(leaves, flags)]
         return jax.tree_util.tree_unflatten(treedef, out), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---- a training run's placement -----------------------------------------------------------------
+
+
+def parse_mesh_spec(spec: str) -> tuple[str, int]:
+    """``"NAME=SIZE"`` (one mesh axis, e.g. ``"data=8"``) -> ``(NAME, SIZE)``."""
+    match = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*([0-9]+)\s*", str(spec))
+    if match is None or int(match.group(2)) < 1:
+        raise ValueError(f"mesh must be NAME=SIZE with one axis and SIZE >= 1 (e.g. data=8), "
+                         f"got {spec!r}")
+    return match.group(1), int(match.group(2))
+
+
+def build_mesh(spec: str) -> Mesh:
+    """A one-axis ``Auto`` mesh over the first SIZE of ``jax.devices()`` (SIZE must divide
+    ``jax.device_count()``). ``Auto``, not ``Explicit``: the models' ``table[ids]`` gathers then
+    compile unchanged (``sevo_jax.sharding``)."""
+    name, size = parse_mesh_spec(spec)
+    count = jax.device_count()
+    if count % size:
+        raise ValueError(f"mesh {spec!r}: SIZE {size} must equal or divide the number of "
+                         f"devices, jax.device_count() = {count}")
+    if jax.process_count() > 1 and size != count:
+        raise ValueError(f"mesh {spec!r}: on several processes SIZE must equal "
+                         f"jax.device_count() = {count} (every process needs devices in it)")
+    return jax.make_mesh((size,), (name,), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:size])
+
+
+def to_host(tree: Any) -> Any:
+    """``jax.device_get``; on several processes, gathers every (global) array to each host."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPlan:
+    """Where each array of a sharded run lives, on a one-axis mesh of size ``P``.
+
+    * the tables selected by ``table_mask`` (the trainer passes ``models.sevo_mask``: the
+      SASRec/GRU4Rec item table, both MF-BPR tables), padded with zero rows to a multiple of ``P``: ``P(axis, None)`` (by rows);
+    * their optimizer-state leaves (Adam moments...): the sharding of the param they mirror
+      (matched by key path); the SEvo ``ShardedGraph`` keeps its own ``P(axis)`` layout;
+    * batches: ``P(axis)`` on the leading (example) dimension; the ranking exclusion mask
+      ``P(None, axis)`` (by item columns, like the scores); everything else replicated.
+    """
+
+    mesh: Mesh
+    table_mask: Callable[[Any], Any]  # params -> pytree of bools: the row-sharded tables
+
+    @property
+    def axis(self) -> str:
+        return self.mesh.axis_names[0]
+
+    @property
+    def size(self) -> int:
+        return int(self.mesh.shape[self.axis])
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PSpec())
+
+    @property
+    def rows(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PSpec(self.axis, None))
+
+    @property
+    def batch(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PSpec(self.axis))
+
+    @property
+    def columns(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PSpec(None, self.axis))
+
+    def table_rows(self, params: Any) -> list[int]:
+        """Row counts of the sharded tables, in pytree-flatten order (the graph's segments)."""
+        flags = jax.tree_util.tree_leaves(self.table_mask(params))
+        return [int(x.shape[0]) for x, f in zip(jax.tree_util.tree_leaves(params), flags) if f]
+
+    def pad_params(self, params: Any) -> Any:
+        """Append zero rows to each table up to a multiple of ``P`` (a no-op if it divides)."""
+        def pad(x, is_table):
+            extra = pad_rows(x.shape[0], self.size) - x.shape[0] if is_table else 0
+            return jnp.pad(x, ((0, extra),) + ((0, 0),) * (x.ndim - 1)) if extra else x
+        return jax.tree_util.tree_map(pad, params, self.table_mask(params))
+
+    def pad_adjacency(self, adjacency: Any, params: Any) -> sp.csr_matrix:
+        """The raw graph with isolated nodes for the padding rows ``pad_params`` adds."""
+        return pad_adjacency(adjacency, self.table_rows(params), self.size)
+
+    def param_shardings(self, params: Any) -> Any:
+        return jax.tree_util.tree_map(lambda f: self.rows if f else self.replicated,
+                                      self.table_mask(params))
+
+    def state_shardings(self, opt_state: Any, params: Any) -> Any:
+        """A leaf whose key path ENDS with a param's path and has its shape gets that param's
+        sharding; arrays already laid out on this mesh (the ``ShardedGraph``) keep theirs."""
+        param_sh = self.param_shardings(params)
+        by_path = {tuple(path): (np.shape(leaf), sh) for (path, leaf), sh in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_sh))}
+
+        def pick(path, leaf):
+            for k in range(len(path)):
+                hit = by_path.get(tuple(path[k:]))
+                if hit is not None and hit[0] == np.shape(leaf):
+                    return hit[1]
+            sh = getattr(leaf, "sharding", None)
+            if isinstance(sh, NamedSharding) and sh.mesh == self.mesh:
+                return sh
+            return self.replicated
+
+        return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+    def put(self, tree: Any, shardings: Any) -> Any:
+        """Place host or device arrays with ``shardings`` (a matching tree or one sharding).
+        Host data goes through ``jax.make_array_from_callback``: each process uploads only its
+        own devices' pieces, so this also works on several hosts (same values on each)."""
+        def put(x, sh):
+            if isinstance(x, jax.Array):
+                if x.sharding.is_equivalent_to(sh, x.ndim):
+                    return x
+                if not x.is_fully_addressable:
+                    return jax.device_put(x, sh)
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+
+        if isinstance(shardings, jax.sharding.Sharding):
+            return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)
+        return jax.tree_util.tree_map(put, tree, shardings)

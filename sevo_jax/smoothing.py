@@ -95,21 +95,64 @@ class NormalizedGraph:
     def matmul(self, x: jax.Array, impl: str | None = None) -> jax.Array:
         """``Ã @ x`` for ``x`` of shape (num_nodes, d), accumulated in ``x.dtype``.
 
-        ``impl``: ``"bcoo"`` (``jax.experimental.sparse``; fastest on CPU) or ``"segment_sum"``
-        (gather + sorted segment sum; fastest on GPU). None picks by backend (BENCHMARKS.md).
+        ``impl``: one of ``MATMUL_IMPLS`` (see ``sparse_matmul``); None picks by backend.
         """
-        if impl is None:
-            impl = "bcoo" if jax.default_backend() == "cpu" else "segment_sum"
-        w = self.weights.astype(x.dtype)
-        if impl == "bcoo":
-            a = jsparse.BCOO((w, self.indices), shape=(self.num_nodes,) * 2, indices_sorted=True)
-            return a @ x
-        if impl == "segment_sum":
-            messages = w[:, None] * x[self.indices[:, 1]]
-            return jax.ops.segment_sum(
-                messages, self.indices[:, 0], num_segments=self.num_nodes, indices_are_sorted=True
-            )
-        raise ValueError(f"impl must be 'bcoo', 'segment_sum' or None, got {impl!r}")
+        return sparse_matmul(self.indices, self.weights, x, self.num_nodes, impl)
+
+
+MATMUL_IMPLS = ("chunked", "segment_sum", "bcoo")
+MATMUL_CHUNK = 16384
+
+
+def default_matmul_impl() -> str:
+    """``"chunked"`` on CPU, ``"segment_sum"`` elsewhere (measured: BENCHMARKS.md)."""
+    return "chunked" if jax.default_backend() == "cpu" else "segment_sum"
+
+
+def _check_impl(impl: str | None) -> None:
+    if impl is not None and impl not in MATMUL_IMPLS:
+        raise ValueError(f"impl must be one of {MATMUL_IMPLS} or None, got {impl!r}")
+
+
+def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows: int,
+                  impl: str | None = None, chunk: int | None = None) -> jax.Array:
+    """``S @ x`` for the (num_rows x x.shape[0]) sparse ``S`` given by row-sorted COO
+    ``indices`` (nnz, 2) and ``weights`` (nnz,), in ``x.dtype``. Three formulations:
+
+    * ``"segment_sum"``: gather every ``x[col]``, scale, sorted segment sum (one parallel
+      pass; the GPU default);
+    * ``"chunked"``: the same products walked ``chunk`` non-zeros at a time in a
+      ``fori_loop``, so the (nnz, d) message buffer never exists, only a cache-sized one
+      (the CPU default: 0.4-0.9x scipy's CSR time from 1M non-zeros up, BENCHMARKS.md);
+    * ``"bcoo"``: ``jax.experimental.sparse.BCOO @ x``.
+
+    Entries whose row is out of range (``>= num_rows``: sharding's padding) are dropped.
+    ``chunk`` defaults to ``MATMUL_CHUNK``.
+    """
+    _check_impl(impl)
+    impl = default_matmul_impl() if impl is None else impl
+    chunk = MATMUL_CHUNK if chunk is None else int(chunk)
+    w = weights.astype(x.dtype)
+    rows, cols = indices[:, 0], indices[:, 1]
+    nnz = w.shape[0]
+    if impl == "bcoo":
+        a = jsparse.BCOO((w, indices), shape=(num_rows, x.shape[0]), indices_sorted=True)
+        return a @ x
+    if impl == "segment_sum" or nnz <= chunk:
+        return jax.ops.segment_sum(w[:, None] * x[cols], rows, num_segments=num_rows,
+                                   indices_are_sorted=True)
+    num_chunks = -(-nnz // chunk)
+    pad = num_chunks * chunk - nnz
+    # pad with copies of the last entry at weight 0, so rows stay sorted within every chunk
+    rows, cols, w = (jnp.pad(v, (0, pad), mode="edge").reshape(num_chunks, chunk)
+                     for v in (rows, cols, w))
+    w = w.at[-1, chunk - pad:].set(0)
+
+    def body(i, out):
+        return out.at[rows[i]].add(w[i][:, None] * x[cols[i]], indices_are_sorted=True, mode="drop")
+
+    # the first chunk seeds the carry, so it has the loop's type (also under shard_map)
+    return jax.lax.fori_loop(1, num_chunks, body, body(0, jnp.zeros((num_rows, x.shape[1]), x.dtype)))
 
 
 flax.serialization.register_serialization_state(
@@ -180,20 +223,26 @@ def propagate(
     beta: float = 0.99,
     num_layers: int = 3,
     approx: str = "neumann",
+    *,
+    impl: str | None = None,
 ) -> jax.Array:
     """psi(x): the L-layer approximation of ``(1-beta)(I - beta Ã)^-1 x`` (module docstring).
 
-    Computes in at least float32 and returns ``x.dtype``.
+    Computes in at least float32 and returns ``x.dtype``. ``impl``: the sparse product, one of
+    ``MATMUL_IMPLS`` (``sparse_matmul``); None picks by backend.
     """
     _check_hyperparameters(beta, num_layers, approx)
-    return _propagate(graph, jnp.asarray(x), float(beta), int(num_layers), approx)
+    _check_impl(impl)
+    return _propagate(graph, jnp.asarray(x), float(beta), int(num_layers), approx, impl)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _propagate(graph: NormalizedGraph, x: jax.Array, beta: float, num_layers: int, approx: str):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _propagate(graph: NormalizedGraph, x: jax.Array, beta: float, num_layers: int, approx: str,
+               impl: str | None):
     # jitted so that eager calls (diagnostics, notebooks) compile once per shape and setting
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    return psi_recursion(graph.matmul, x.astype(compute_dtype), beta, num_layers, approx).astype(x.dtype)
+    matmul = functools.partial(graph.matmul, impl=impl)
+    return psi_recursion(matmul, x.astype(compute_dtype), beta, num_layers, approx).astype(x.dtype)
 
 
 def psi_coefficients(beta: float, num_layers: int, approx: str) -> tuple[float, float]:
@@ -293,13 +342,14 @@ def smooth_selected(
     beta: float,
     num_layers: int,
     approx: str,
+    impl: str | None = None,
 ) -> Any:
     """Stack the flagged leaves row-wise, apply psi once, split back (other leaves untouched)."""
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     chosen = [leaf for leaf, f in zip(leaves, flags) if f]
     dtype = jnp.result_type(*chosen)
     signal = chosen[0] if len(chosen) == 1 else jnp.concatenate([c.astype(dtype) for c in chosen])
-    smoothed = propagate(graph, signal, beta, num_layers, approx)
+    smoothed = propagate(graph, signal, beta, num_layers, approx, impl=impl)
     splits = np.cumsum([c.shape[0] for c in chosen])[:-1]
     pieces = iter(jnp.split(smoothed, splits) if len(chosen) > 1 else [smoothed])
     out = [next(pieces).astype(leaf.dtype) if f else leaf for leaf, f in zip(leaves, flags)]
@@ -315,6 +365,7 @@ def sevo_smooth(
     mask: MaskOrFn | None = None,
     mesh: jax.sharding.Mesh | None = None,
     axis_name: str | None = None,
+    impl: str | None = None,
 ) -> optax.GradientTransformation:
     """Structure-aware embedding evolution: replace the masked tables' update ``X`` by psi(X).
 
@@ -338,6 +389,8 @@ def sevo_smooth(
         split across that axis and the L matmuls run under ``jax.shard_map``; each smoothed
         table leaves row-sharded (``NamedSharding(mesh, P(axis_name, None))``) when its row
         count divides the axis size. None (the default) runs psi unsharded.
+      impl: the sparse product (``sparse_matmul``): ``"chunked"``, ``"segment_sum"`` or
+        ``"bcoo"``; None (the default) picks by backend (chunked on CPU, segment_sum on GPU).
 
     Returns:
       An ``optax.GradientTransformation`` whose state only carries the normalised graph (a
@@ -345,6 +398,7 @@ def sevo_smooth(
       masked tables' row counts).
     """
     _check_hyperparameters(beta, num_layers, approx)
+    _check_impl(impl)
     # a ShardedGraph can only exist once sevo_jax.sharding (which imports this module) is loaded
     sharding_module = sys.modules.get("sevo_jax.sharding")
     prebuilt = sharding_module is not None and isinstance(adjacency, sharding_module.ShardedGraph)
@@ -352,7 +406,8 @@ def sevo_smooth(
         from sevo_jax import sharding as sharding_lib
 
         return sharding_lib.sharded_sevo_smooth(
-            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name
+            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name,
+            impl=impl,
         )
     graph = as_normalized_graph(adjacency)
 
@@ -364,7 +419,7 @@ def sevo_smooth(
         del params
         flags = _broadcast_mask(mask, updates)
         _check_selection(updates, flags, state.graph.num_nodes)
-        return smooth_selected(updates, flags, state.graph, beta, num_layers, approx), state
+        return smooth_selected(updates, flags, state.graph, beta, num_layers, approx, impl), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

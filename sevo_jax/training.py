@@ -8,7 +8,7 @@ dropout keys (``fold_in(seed, epoch, step)``), so a resumed run equals an uninte
 ``config.mesh = "NAME=SIZE"`` (CLI ``--mesh data=8``) trains on a one-axis device mesh: the
 embedding tables SEvo smooths (``models.sevo_mask``) and their optimizer state are split BY
 ROWS over the axis, the batch by examples over the same axis, everything else is replicated
-(:class:`MeshPlan`). Tables are padded with zero rows to a multiple of SIZE; the padding ids
+(``sevo_jax.sharding.MeshPlan``). Tables are padded with zero rows to a multiple of SIZE; the padding ids
 are isolated graph nodes, never sampled as negatives and excluded from ranking, and their
 rows stay exactly zero, so a sharded run computes what the unsharded one does.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.sparse as sp
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sevo_jax import data as data_lib
 from sevo_jax import graph as graph_lib
@@ -111,7 +110,7 @@ class TrainConfig:
         if self.model == "mfbpr" and self.graph == "cooccurrence":
             raise ValueError("graph 'cooccurrence' has item nodes only; mfbpr needs 'user-item'")
         if self.mesh is not None:
-            _, size = parse_mesh_spec(self.mesh)
+            _, size = sharding_lib.parse_mesh_spec(self.mesh)
             if self.batch_size is not None and self.batch_size % size:
                 raise ValueError(f"batch_size {self.batch_size} must be a multiple of the mesh "
                                  f"size {size} (mesh {self.mesh!r}): the batch is split over it")
@@ -133,139 +132,11 @@ class TrainConfig:
         return dataclasses.replace(self, **filled)
 
 
-# ---- device mesh ---------------------------------------------------------------------------------
-
-
-def parse_mesh_spec(spec: str) -> tuple[str, int]:
-    """``"NAME=SIZE"`` (one mesh axis, e.g. ``"data=8"``) -> ``(NAME, SIZE)``."""
-    match = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*([0-9]+)\s*", str(spec))
-    if match is None or int(match.group(2)) < 1:
-        raise ValueError(f"mesh must be NAME=SIZE with one axis and SIZE >= 1 (e.g. data=8), "
-                         f"got {spec!r}")
-    return match.group(1), int(match.group(2))
-
-
-def build_mesh(spec: str) -> Mesh:
-    """A one-axis ``Auto`` mesh over the first SIZE of ``jax.devices()`` (SIZE must divide
-    ``jax.device_count()``). ``Auto``, not ``Explicit``: the models' ``table[ids]`` gathers then
-    compile unchanged (``sevo_jax.sharding``)."""
-    name, size = parse_mesh_spec(spec)
-    count = jax.device_count()
-    if count % size:
-        raise ValueError(f"mesh {spec!r}: SIZE {size} must equal or divide the number of "
-                         f"devices, jax.device_count() = {count}")
-    if jax.process_count() > 1 and size != count:
-        raise ValueError(f"mesh {spec!r}: on several processes SIZE must equal "
-                         f"jax.device_count() = {count} (every process needs devices in it)")
-    return jax.make_mesh((size,), (name,), axis_types=(AxisType.Auto,),
-                         devices=jax.devices()[:size])
-
-
-def _to_host(tree: Any) -> Any:
-    """``jax.device_get``; on several processes, gathers every (global) array to each host."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree)
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshPlan:
-    """Where each array of a sharded run lives, on a one-axis mesh of size ``P``.
-
-    * the tables selected by ``models.sevo_mask`` (SASRec/GRU4Rec item table, both MF-BPR
-      tables), padded with zero rows to a multiple of ``P``: ``P(axis, None)`` (by rows);
-    * their optimizer-state leaves (Adam moments...): the sharding of the param they mirror
-      (matched by key path); the SEvo ``ShardedGraph`` keeps its own ``P(axis)`` layout;
-    * batches: ``P(axis)`` on the leading (example) dimension; the ranking exclusion mask
-      ``P(None, axis)`` (by item columns, like the scores); everything else replicated.
-    """
-
-    mesh: Mesh
-
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> "MeshPlan | None":
-        return None if config.mesh is None else cls(build_mesh(config.mesh))
-
-    @property
-    def axis(self) -> str:
-        return self.mesh.axis_names[0]
-
-    @property
-    def size(self) -> int:
-        return int(self.mesh.shape[self.axis])
-
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec())
-
-    @property
-    def rows(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec(self.axis, None))
-
-    @property
-    def batch(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec(self.axis))
-
-    @property
-    def columns(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec(None, self.axis))
-
-    def table_rows(self, params: Any) -> list[int]:
-        """Row counts of the sharded tables, in pytree-flatten order (the graph's segments)."""
-        flags = jax.tree_util.tree_leaves(models.sevo_mask(params))
-        return [int(x.shape[0]) for x, f in zip(jax.tree_util.tree_leaves(params), flags) if f]
-
-    def pad_params(self, params: Any) -> Any:
-        """Append zero rows to each table up to a multiple of ``P`` (a no-op if it divides)."""
-        def pad(x, is_table):
-            extra = sharding_lib.pad_rows(x.shape[0], self.size) - x.shape[0] if is_table else 0
-            return jnp.pad(x, ((0, extra),) + ((0, 0),) * (x.ndim - 1)) if extra else x
-        return jax.tree_util.tree_map(pad, params, models.sevo_mask(params))
-
-    def pad_adjacency(self, adjacency: Any, params: Any) -> sp.csr_matrix:
-        """The raw graph with isolated nodes for the padding rows ``pad_params`` adds."""
-        return sharding_lib.pad_adjacency(adjacency, self.table_rows(params), self.size)
-
-    def param_shardings(self, params: Any) -> Any:
-        return jax.tree_util.tree_map(lambda f: self.rows if f else self.replicated,
-                                      models.sevo_mask(params))
-
-    def state_shardings(self, opt_state: Any, params: Any) -> Any:
-        """A leaf whose key path ENDS with a param's path and has its shape gets that param's
-        sharding; arrays already laid out on this mesh (the ``ShardedGraph``) keep theirs."""
-        param_sh = self.param_shardings(params)
-        by_path = {tuple(path): (np.shape(leaf), sh) for (path, leaf), sh in zip(
-            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_sh))}
-
-        def pick(path, leaf):
-            for k in range(len(path)):
-                hit = by_path.get(tuple(path[k:]))
-                if hit is not None and hit[0] == np.shape(leaf):
-                    return hit[1]
-            sh = getattr(leaf, "sharding", None)
-            if isinstance(sh, NamedSharding) and sh.mesh == self.mesh:
-                return sh
-            return self.replicated
-
-        return jax.tree_util.tree_map_with_path(pick, opt_state)
-
-    def put(self, tree: Any, shardings: Any) -> Any:
-        """Place host or device arrays with ``shardings`` (a matching tree or one sharding).
-        Host data goes through ``jax.make_array_from_callback``: each process uploads only its
-        own devices' pieces, so this also works on several hosts (same values on each)."""
-        def put(x, sh):
-            if isinstance(x, jax.Array):
-                if x.sharding.is_equivalent_to(sh, x.ndim):
-                    return x
-                if not x.is_fully_addressable:
-                    return jax.device_put(x, sh)
-            host = np.asarray(x)
-            return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
-
-        if isinstance(shardings, jax.sharding.Sharding):
-            return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)
-        return jax.tree_util.tree_map(put, tree, shardings)
+def mesh_plan(config: TrainConfig) -> sharding_lib.MeshPlan | None:
+    """Where a run's arrays live on ``config.mesh`` (None: one device); tables = ``sevo_mask``."""
+    if config.mesh is None:
+        return None
+    return sharding_lib.MeshPlan(sharding_lib.build_mesh(config.mesh), models.sevo_mask)
 
 
 # ---- data to batches ----------------------------------------------------------------------------
@@ -408,12 +279,12 @@ def build_optimizer(config: TrainConfig, adjacency: Any,
     """The six optimizers of the CLI; the ``sevo-*`` ones smooth the tables of ``sevo_mask``.
 
     With ``config.mesh`` the ``sevo-*`` ones run psi row-sharded over the mesh's axis (``mesh``
-    defaults to ``build_mesh(config.mesh)``); ``adjacency`` must then have one node per row of
+    defaults to ``sharding_lib.build_mesh(config.mesh)``); ``adjacency`` must then have one node per row of
     the PADDED tables (``MeshPlan.pad_adjacency``)."""
     c = config
     sevo = dict(beta=c.beta, num_layers=c.num_layers, mask=models.sevo_mask, approx=c.approx)
     if c.mesh is not None and c.optimizer.startswith("sevo"):
-        mesh = build_mesh(c.mesh) if mesh is None else mesh
+        mesh = sharding_lib.build_mesh(c.mesh) if mesh is None else mesh
         sevo.update(mesh=mesh, axis_name=mesh.axis_names[0])
     if c.optimizer == "adamw":
         return optax.adamw(c.lr, c.b1, c.b2, c.eps, weight_decay=c.weight_decay)
@@ -429,7 +300,8 @@ def build_optimizer(config: TrainConfig, adjacency: Any,
     return sevo_sgd(c.lr, adjacency, momentum=c.momentum, weight_decay=c.weight_decay, **sevo)
 
 
-def init_training(config: TrainConfig, ds: data_lib.SequenceDataset, plan: MeshPlan | None = None,
+def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
+                  plan: sharding_lib.MeshPlan | None = None,
                   adjacency: Any = None) -> tuple[nn.Module, optax.GradientTransformation, Any, Any]:
     """``(model, optimizer, params, opt_state)`` of a resolved ``config``, seeded by ``config.seed``.
 
@@ -493,7 +365,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     """``(params, opt_state, batch, key) -> (params, opt_state, loss)``, jit-compiled.
 
     ``shardings = (params shardings, opt_state shardings, replicated sharding)`` pins the
-    step's layout on a one-axis mesh (``MeshPlan``): params and state keep their shardings,
+    step's layout on a one-axis mesh (``sharding.MeshPlan``): params and state keep their shardings,
     the batch is split over the axis by examples (leading dimension), the key and the loss
     are replicated."""
 
@@ -533,7 +405,7 @@ def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None)
 
 
 def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.SequenceDataset,
-             split: str, plan: MeshPlan | None = None) -> dict[str, float]:
+             split: str, plan: sharding_lib.MeshPlan | None = None) -> dict[str, float]:
     """Full-ranking HR@k / NDCG@k of ``split`` over all users; earlier items are masked.
 
     With a ``plan`` the catalogue has padding ids past ``num_items``; they are masked too."""
@@ -615,7 +487,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
     to ``config.out`` and returns the results dict."""
     config = config.resolved()
     config.validate()
-    plan = MeshPlan.from_config(config)  # a bad --mesh fails here, before any data is read
+    plan = mesh_plan(config)  # a bad --mesh fails here, before any data is read
     out = Path(config.out)
     ds = dataset if dataset is not None else data_lib.load_dataset(
         config.format, config.data, cache_dir=config.cache_dir, kcore=config.kcore)
@@ -625,7 +497,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
     model, optimizer, params, opt_state = init_training(config, ds, plan)
     examples = training_examples(config, ds)
     sampler = NegativeSampler(ds)
-    best_params = _to_host(params)
+    best_params = sharding_lib.to_host(params)
     progress = Progress()
     shardings = None if plan is None else (
         plan.param_shardings(params), plan.state_shardings(opt_state, params), plan.replicated)
@@ -676,11 +548,11 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
             if valid["NDCG@10"] > progress.best_score:
                 progress.best_score, progress.best_epoch, progress.best_valid = valid["NDCG@10"], epoch, valid
                 progress.evals_since_best = 0
-                best_params = _to_host(params)
+                best_params = sharding_lib.to_host(params)
             else:
                 progress.evals_since_best += 1
             stopped = progress.stopped(config.patience)
-            host_params, host_state = _to_host((params, opt_state))
+            host_params, host_state = sharding_lib.to_host((params, opt_state))
             if writer:
                 save_checkpoint(ckpt, host_params, host_state, best_params, progress, cfg_dict)
         if writer:

@@ -61,7 +61,7 @@ def _one_step(config, ds, key):
 
     from sevo_jax import training
 
-    plan = training.MeshPlan.from_config(config)
+    plan = training.mesh_plan(config)
     model, optimizer, params, opt_state = training.init_training(config, ds, plan)
     shardings = None if plan is None else (
         plan.param_shardings(params), plan.state_shardings(opt_state, params), plan.replicated)
@@ -163,7 +163,7 @@ def check_fit_matches_unsharded():
     assert got["config"]["mesh"] == "data=8" and ref["config"]["mesh"] is None
 
     # the checkpoint holds the padded table; the padding row never moved from zero
-    plan = training.MeshPlan.from_config(cfg)
+    plan = training.mesh_plan(cfg)
     _, _, params, state = training.init_training(cfg.resolved(), ds, plan)
     restored, _, _, progress = training.load_checkpoint(
         tmp / "sharded" / "checkpoint.msgpack", params, state,
@@ -187,13 +187,13 @@ def check_fit_matches_unsharded():
 def check_mesh_smaller_than_device_count():
     """data=4 on 8 devices: a mesh over the first 4 (size divides the device count)."""
     jax, _ = _setup()
-    from sevo_jax import training
+    from sevo_jax import sharding
 
-    mesh = training.build_mesh("data=4")
+    mesh = sharding.build_mesh("data=4")
     assert mesh.shape == {"data": 4} and list(mesh.devices.flat) == jax.devices()[:4]
     for bad in ("data=3", "data=16"):
         try:
-            training.build_mesh(bad)
+            sharding.build_mesh(bad)
         except ValueError as e:
             assert "jax.device_count() = 8" in str(e), e
         else:
@@ -237,10 +237,10 @@ def test_bad_mesh_is_one_line(capsys, tmp_path, argv, needle):
 
 
 def test_mesh_spec_parsing():
-    from sevo_jax import training
+    from sevo_jax import sharding, training
 
-    assert training.parse_mesh_spec("data=8") == ("data", 8)
-    assert training.parse_mesh_spec(" x = 2 ") == ("x", 2)
+    assert sharding.parse_mesh_spec("data=8") == ("data", 8)
+    assert sharding.parse_mesh_spec(" x = 2 ") == ("x", 2)
     with pytest.raises(ValueError, match="NAME=SIZE"):
         training.TrainConfig(mesh="data:8").validate()
     with pytest.raises(ValueError, match="batch_size 100 must be a multiple of the mesh size 8"):

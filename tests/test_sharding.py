@@ -85,7 +85,8 @@ def check_psi_every_approx():
     g = sh.shard_graph(a, mesh, "x")
     x = jnp.asarray(np.random.default_rng(n).standard_normal((n, 3)), jnp.float32)
     cases = [("segment_sum", 0.9, 3), ("segment_sum", 0.99, 2), ("segment_sum", 0.5, 0)]
-    cases.append(("bcoo", 0.9, 3))
+    cases += [("bcoo", 0.9, 3), ("chunked", 0.9, 3), ("chunked", 0.99, 2)]
+    sj.smoothing.MATMUL_CHUNK = 5  # several chunks per device even on this small graph
     for approx in sj.APPROXIMATIONS:
         for impl, beta, num_layers in cases:
             got = _psi_jit(beta, num_layers, approx, impl)(g, x)
@@ -139,7 +140,8 @@ def check_uneven_no_leak():
         # node 0 is isolated and sits at gathered position 0, the column every padding edge
         # reads: a non-finite value there must stay in its own row
         x[0] = np.nan
-        for impl in ("segment_sum", "bcoo"):
+        sj.smoothing.MATMUL_CHUNK = 3
+        for impl in sj.smoothing.MATMUL_IMPLS:
             for approx in sj.APPROXIMATIONS:
                 got = np.asarray(_psi_jit(0.95, 3, approx, impl)(g, x))
                 assert got.shape == (n, 5)

@@ -122,7 +122,7 @@ def test_adjacency_input_types_agree(kind):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["bcoo", "segment_sum"])
+@pytest.mark.parametrize("impl", sj.smoothing.MATMUL_IMPLS)
 def test_matmul_implementations_agree(impl):
     rng = np.random.default_rng(0)
     a = random_graph(rng, 9)
@@ -130,6 +130,23 @@ def test_matmul_implementations_agree(impl):
     x = rng.standard_normal((9, 4)).astype(np.float32)
     np.testing.assert_allclose(g.matmul(jnp.asarray(x), impl=impl), oracle.normalize(a) @ x,
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 64, 10_000])
+def test_chunked_matmul_any_chunk_size(chunk):
+    """Several chunks, a ragged last chunk, one chunk: all equal the dense product."""
+    rng = np.random.default_rng(chunk)
+    a = random_graph(rng, 12)
+    g = sj.as_normalized_graph(a)
+    x = rng.standard_normal((12, 3)).astype(np.float32)
+    got = sj.smoothing.sparse_matmul(g.indices, g.weights, jnp.asarray(x), 12, "chunked", chunk)
+    np.testing.assert_allclose(got, oracle.normalize(a) @ x, rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_unknown_impl():
+    g = sj.as_normalized_graph(random_graph(np.random.default_rng(0), 5))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        g.matmul(jnp.ones((5, 2)), impl="csr")
 
 
 def test_smoothness_formula():
