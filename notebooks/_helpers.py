@@ -100,7 +100,7 @@ class Runner:
         self.examples = training.training_examples(config, ds)
         self.sampler = training.NegativeSampler(ds)
         self.loss_and_grad = jax.jit(jax.value_and_grad(training.make_loss_fn(config, self.model)))
-        self.scorer = training.make_scorer(config, self.model)
+        self.scorer = training.make_scorer(config, self.model, num_items=self.ds.num_items)
         init_input = jnp.zeros((1, config.maxlen), jnp.int32)
         # jit-compiled init: the same values as fit's eager init, in a third of the time
         init = jax.jit(lambda key: self.model.init(key, init_input, deterministic=True)["params"])

@@ -383,12 +383,16 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                    out_shardings=(params_sh, state_sh, replicated))
 
 
-def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None) -> Callable:
-    """``(params, inputs, targets, exclude) -> per-example metrics`` over the full catalogue.
+def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None,
+                num_items: int | None = None) -> Callable:
+    """``(params, inputs, targets, seen) -> per-example metrics`` over the full catalogue.
 
-    With a ``mesh`` the per-example metrics come back replicated."""
+    ``seen`` (B, K) holds the item ids to exclude per example, padded with 0 (padding, never
+    ranked anyway); the (B, catalogue) mask is built on the device from it. Ids past
+    ``num_items`` (a mesh's padding rows) are excluded too. With a ``mesh`` the per-example
+    metrics come back replicated."""
 
-    def score(params, inputs, targets, exclude):
+    def score(params, inputs, targets, seen):
         variables = {"params": params}
         if config.model == "mfbpr":
             user = model.apply(variables, inputs)
@@ -397,6 +401,9 @@ def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None)
             if config.model == "sasrec":
                 user = user[:, -1]
         scores = model.apply(variables, user, method="score_all")
+        exclude = jnp.zeros(scores.shape, bool).at[jnp.arange(seen.shape[0])[:, None], seen].set(True)
+        if num_items is not None and scores.shape[-1] > num_items + 1:
+            exclude = exclude | (jnp.arange(scores.shape[-1]) > num_items)[None, :]
         return metrics_lib.ranking_metrics(metrics_lib.target_ranks(scores, targets, exclude))
 
     if mesh is None:
@@ -404,11 +411,24 @@ def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None)
     return jax.jit(score, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
+def padded_rows(csr: sp.csr_matrix, rows: np.ndarray, min_width: int = 8) -> np.ndarray:
+    """The column ids of ``csr``'s ``rows`` as a (len(rows), K) int32 array padded with 0;
+    K is a power of two (>= ``min_width``) so that jit sees few distinct shapes."""
+    starts, counts = csr.indptr[rows], np.diff(csr.indptr)[rows]
+    width = max(min_width, 1 << int(max(counts.max(initial=0), 1) - 1).bit_length())
+    cols = np.arange(width)
+    valid = cols[None, :] < counts[:, None]
+    out = np.zeros((rows.size, width), np.int32)
+    out[valid] = csr.indices[(starts[:, None] + cols[None, :])[valid]]
+    return out
+
+
 def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.SequenceDataset,
              split: str, plan: sharding_lib.MeshPlan | None = None) -> dict[str, float]:
     """Full-ranking HR@k / NDCG@k of ``split`` over all users; earlier items are masked.
 
-    With a ``plan`` the catalogue has padding ids past ``num_items``; they are masked too."""
+    With a ``plan`` the catalogue has padding ids past ``num_items``; the scorer masks them
+    (``make_scorer(..., num_items=)``)."""
     inputs = eval_inputs(config, ds, split)
     targets = (ds.valid if split == "valid" else ds.test).astype(np.int32)
     seen = ds.seen_items(split)
@@ -416,19 +436,11 @@ def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.Se
     bs = config.eval_batch_size
     for start in range(0, ds.num_users, bs):
         rows = np.arange(start, min(start + bs, ds.num_users))
-        pad = bs - rows.size
-        batch_rows = np.concatenate([rows, np.zeros(pad, rows.dtype)])
-        exclude = seen[batch_rows].toarray().astype(bool)
-        if plan is None:
-            out = scorer(params, inputs[batch_rows], targets[batch_rows], exclude)
-        else:  # padding ids (past num_items) are excluded like seen items
-            num_ids = sharding_lib.pad_rows(ds.num_items + 1, plan.size)
-            exclude = np.pad(exclude, ((0, 0), (0, num_ids - exclude.shape[1])),
-                             constant_values=True)
-            out = scorer(params, plan.put(inputs[batch_rows], plan.replicated),
-                         plan.put(targets[batch_rows], plan.replicated),
-                         plan.put(exclude, plan.columns))
-        acc.update(out, mask=jnp.asarray(np.arange(bs) < rows.size))
+        batch_rows = np.concatenate([rows, np.zeros(bs - rows.size, rows.dtype)])
+        batch = (inputs[batch_rows], targets[batch_rows], padded_rows(seen, batch_rows))
+        if plan is not None:
+            batch = plan.put(batch, plan.replicated)
+        acc.update(scorer(params, *batch), mask=jnp.asarray(np.arange(bs) < rows.size))
     return acc.compute()
 
 
@@ -518,7 +530,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
         log_path.unlink()
 
     train_step = make_train_step(make_loss_fn(config, model), optimizer, shardings)
-    scorer = make_scorer(config, model, None if plan is None else plan.mesh)
+    scorer = make_scorer(config, model, None if plan is None else plan.mesh, ds.num_items)
     base_key = jax.random.PRNGKey(config.seed)
     bar = _progress_bar(config, progress.epoch)
     stopped = progress.stopped(config.patience)

@@ -129,7 +129,7 @@ def check_one_step_equals_unsharded():
             assert not np.asarray(leaf)[151:].any()
 
         if optimizer_name == "sevo-adamw":  # (3) a padding id is never ranked
-            scorer = training.make_scorer(cfg, model, mesh)
+            scorer = training.make_scorer(cfg, model, mesh, ds.num_items)
             clean = training.evaluate(cfg, scorer, params, ds, "valid", plan)
             host = jax.tree.map(np.array, jax.device_get(params))
             host["item_embedding"]["embedding"][151:] = np.nan  # would rank above every target
