@@ -218,7 +218,7 @@ def normalize(adjacency: sp.spmatrix) -> sp.csr_matrix:
     deg = np.asarray(out.sum(axis=1)).ravel()
     inv_sqrt = np.zeros_like(deg)
     np.divide(1.0, np.sqrt(deg), out=inv_sqrt, where=deg > 0)
-    # scale the stored entries in place (2.4-4.3x faster than D @ A @ D at 20M nnz, same values)
+    # scale the stored entries in place: D @ A @ D took 48-54 s of a 100M-nnz build, this 12-21 s
     n = out.shape[0]
     rows = np.repeat(np.arange(n, dtype=np.int32 if n < 2**31 else np.int64), np.diff(out.indptr))
     out.data *= inv_sqrt[rows]

@@ -474,7 +474,13 @@ def to_host(tree: Any) -> Any:
     if jax.process_count() == 1:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree)
+
+    def get(x):  # a global array: its whole value on every host; anything local: as is
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree_util.tree_map(get, tree)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -261,3 +261,41 @@ def test_distributed_and_mesh_flags_parse():
 
 if __name__ == "__main__":
     helpers.script_main(CHECKS, sys.argv[1:])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """The multi-host path for real: 2 processes x 4 CPU devices (gloo collectives) with
+    ``--distributed --mesh data=8`` end with the metrics of an unsharded single-process run."""
+    import os
+    import subprocess
+
+    base = [sys.executable, "-m", "sevo_jax.train", "--epochs", "1", "--eval-every", "1",
+            "--no-progress"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
+    port = _free_port()
+    procs = [subprocess.Popen(base + ["--distributed", "--coordinator", f"localhost:{port}",
+                                      "--num-processes", "2", "--process-id", str(i),
+                                      "--mesh", "data=8", "--out", str(tmp_path / "multi")],
+                              env=env, cwd=helpers.REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    single = subprocess.run(base + ["--out", str(tmp_path / "single")], env=env, cwd=helpers.REPO,
+                            capture_output=True, text=True, timeout=600)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert single.returncode == 0, single.stderr[-3000:]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    multi = json.loads((tmp_path / "multi" / "results.json").read_text())
+    one = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert multi["config"]["mesh"] == "data=8" and one["config"]["mesh"] is None
+    for split in ("valid", "test"):
+        assert multi[split] == pytest.approx(one[split], abs=1e-6), split
