@@ -69,7 +69,7 @@ def bench(name, f, *args):
     return out
 
 ref = bench("unsharded (1 device)", unsharded, ng, jax.device_get(users), jax.device_get(items))
-for impl in ("segment_sum", "bcoo"):
+for impl in sj.smoothing.MATMUL_IMPLS:
     o = bench(f"per-table layout {impl}", lambda g, u, i: per_table(g, u, i, impl), g2, users, items)
     assert max(float(jnp.abs(x - y).max()) for x, y in zip(o, ref)) < 1e-5
     o = bench(f"naive concat {impl}", lambda g, u, i: naive(g, u, i, impl), g1, users, items)
