@@ -71,14 +71,14 @@ def summarise(args, grid: dict, dataset_key: str) -> str:
         f"Data: `{args.data or 'synthetic'}`; machine: {platform.node()} ({jax.default_backend()}, "
         f"{jax.device_count()} device(s)); date: {time.strftime('%Y-%m-%d')}.",
         "",
-        "| model | optimizer | seeds | " + " | ".join(COLUMNS) + " | best epoch | wall s/run | published (SEvo) NDCG@10 |",
+        "| model | optimizer | finished seeds | " + " | ".join(COLUMNS) + " | best epoch | wall s/run | published (SEvo) NDCG@10 |",
         "|---" * (len(COLUMNS) + 6) + "|",
     ]
     for (model, optimizer), runs in grid.items():
         tests = {k: np.array([r["test"][k] for r in runs]) for k in COLUMNS}
         cells = [f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}" for v in tests.values()]
         pub = PUBLISHED.get((model, dataset_key), {}).get("NDCG@10")
-        best = ", ".join(str(r["best_epoch"]) for r in runs)
+        best = ", ".join(f"{r['best_epoch']} (s{r['config']['seed']})" for r in runs)
         wall = np.mean([r.get("wall_seconds", np.nan) for r in runs])
         lines.append(f"| {model} | {optimizer} | {len(runs)} | " + " | ".join(cells)
                      + f" | {best} | {wall:.0f} | {pub if optimizer == 'sevo-adamw' and pub else '-'} |")
@@ -101,15 +101,21 @@ def main(argv=None) -> None:
     p.add_argument("--patience", type=int, default=None, help="default: the trainer's")
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--summary-only", action="store_true",
+                   help="train nothing: summarise the runs of the grid that have finished")
     args = p.parse_args(argv)
-    ds = data.load_dataset(_format(args), args.data)
+    ds = None if args.summary_only else data.load_dataset(_format(args), args.data)
     grid = {}
     for model in args.models:
         for optimizer in args.optimizers:
-            grid[(model, optimizer)] = [
-                run_one(args, ds, model, optimizer, seed, Path(args.out) / f"{model}-{optimizer}-s{seed}")
-                for seed in args.seeds
-            ]
+            outs = [Path(args.out) / f"{model}-{optimizer}-s{seed}" for seed in args.seeds]
+            if args.summary_only:
+                runs = [json.loads((o / "results.json").read_text()) for o in outs
+                        if (o / "results.json").exists()]
+            else:
+                runs = [run_one(args, ds, model, optimizer, seed, o) for seed, o in zip(args.seeds, outs)]
+            if runs:
+                grid[(model, optimizer)] = runs
     summary = summarise(args, grid, args.dataset_key)
     Path(args.out, "summary.md").write_text(summary + "\n")
     print(summary)

@@ -20,3 +20,20 @@ def test_example_runs(script, optimizer):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch   1  loss" in proc.stdout
     assert "NDCG@10" in proc.stdout and "HR@10" in proc.stdout
+
+
+def test_reproduce_paper_grid_resumes_and_summarises(tmp_path):
+    base = [sys.executable, "examples/reproduce_paper.py", "--models", "sasrec", "--optimizers",
+            "adamw", "sevo-adamw", "--out", str(tmp_path)]
+    run = lambda *extra: subprocess.run(base + list(extra), cwd=ROOT, capture_output=True,  # noqa: E731
+                                        text=True, timeout=600)
+    first = run("--seeds", "0", "--epochs", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| sasrec | adamw | 1 |" in summary and "| sasrec | sevo-adamw | 1 |" in summary
+    assert "sevo-train --model sasrec --optimizer sevo-adamw --seed 0" in summary
+    # summary of a partly finished grid: seed 1 has not run, nothing is trained
+    partial = run("--seeds", "0", "1", "--summary-only")
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert "| sasrec | adamw | 1 |" in partial.stdout
+    assert not (tmp_path / "sasrec-adamw-s1").exists()
