@@ -138,7 +138,7 @@ class Runner:
         parts = []
         for start in range(0, n, bs):  # padded batches of eval_batch_size: reuses the compiled scorer
             rows = np.arange(start, start + bs) % n
-            out = self.scorer(params, inputs[rows], targets[rows], seen[rows].toarray().astype(bool))
+            out = self.scorer(params, inputs[rows], targets[rows], training.padded_rows(seen, rows))
             parts.append({k: np.asarray(v)[: min(bs, n - start)] for k, v in jax.device_get(out).items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
