@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.99)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--impls", type=_str_list, default=None,
-                   help="matmul impls (default: the backend's default, bcoo on CPU)")
+                   help="matmul impls (default: the backend's default, chunked on CPU)")
     p.add_argument("--repeats", type=int, default=3, help="steady-state calls (median)")
     p.add_argument("--one-core", action="store_true", help="pin to one core, 1 thread per library")
     p.add_argument("--seed", type=int, default=0)

@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--reorder-nnz", type=lambda s: int(float(s)), default=4_000_000)
     p.add_argument("--graphs", type=_str_list, default=_str_list("uniform,powerlaw"))
     p.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of the power-law graph")
-    p.add_argument("--impls", type=_str_list, default=_str_list("bcoo,segment_sum,chunked"),
+    p.add_argument("--impls", type=_str_list, default=_str_list("chunked,segment_sum,bcoo"),
                    help="comma-separated sevo_jax.smoothing.MATMUL_IMPLS")
     p.add_argument("--threads", type=_str_list, default=None,
                    help="thread settings, each in its own process: 'all' and/or '1' (one core); "
