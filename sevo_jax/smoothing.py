@@ -123,7 +123,7 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
       pass; the GPU default);
     * ``"chunked"``: the same products walked ``chunk`` non-zeros at a time in a
       ``fori_loop``, so the (nnz, d) message buffer never exists, only a cache-sized one
-      (the CPU default: 0.4-0.9x scipy's CSR time from 1M non-zeros up, BENCHMARKS.md);
+      (the CPU default: 0.4-0.6x scipy's CSR time from 4M non-zeros up, BENCHMARKS.md);
     * ``"bcoo"``: ``jax.experimental.sparse.BCOO @ x``.
 
     Entries whose row is out of range (``>= num_rows``: sharding's padding) are dropped.
