@@ -492,6 +492,17 @@ def load_checkpoint(path: Path, params, opt_state, config: dict):
 # ---- the loop -------------------------------------------------------------------------------------
 
 
+def _complete_lines(path: Path) -> list[str]:
+    """The JSON lines of a metrics log up to the first one cut short (a run killed mid-write)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    for k, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            return lines[:k]
+    return lines
+
+
 def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.SequenceDataset | None = None,
         log: Callable[[str], None] = print) -> dict:
     """Train, validate every ``eval_every`` epochs, stop early on validation NDCG@10, and test
@@ -521,8 +532,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
         params, opt_state, best_params, progress = load_checkpoint(ckpt, params, opt_state, cfg_dict)
         if plan is not None:
             params, opt_state = plan.put((params, opt_state), shardings[:2])
-        kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
-                if json.loads(line)["epoch"] <= progress.epoch]
+        kept = [line for line in _complete_lines(log_path) if json.loads(line)["epoch"] <= progress.epoch]
         if writer:
             log_path.write_text("".join(line + "\n" for line in kept))
         log(f"resumed from {ckpt} after epoch {progress.epoch}")
@@ -564,12 +574,15 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
             else:
                 progress.evals_since_best += 1
             stopped = progress.stopped(config.patience)
-            host_params, host_state = sharding_lib.to_host((params, opt_state))
-            if writer:
-                save_checkpoint(ckpt, host_params, host_state, best_params, progress, cfg_dict)
+        # the log line before the checkpoint: a run killed between the two resumes from the
+        # previous checkpoint and drops the log lines after it
         if writer:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if "valid" in record:
+            host_params, host_state = sharding_lib.to_host((params, opt_state))
+            if writer:
+                save_checkpoint(ckpt, host_params, host_state, best_params, progress, cfg_dict)
         bar.update(record, progress)
     bar.close()
 

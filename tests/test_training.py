@@ -56,6 +56,8 @@ def test_resume_gives_identical_metrics(tmp_path, small_ds):
                             dataset=small_ds, log=lambda s: None)
     training.fit(training.TrainConfig(epochs=2, out=str(tmp_path / "b"), **base),
                  dataset=small_ds, log=lambda s: None)
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # killed while writing epoch 3's line
+        f.write('{"epoch": 3, "loss": 0.6')
     resumed = training.fit(training.TrainConfig(epochs=4, out=str(tmp_path / "b"), **base),
                            dataset=small_ds, resume=True, log=lambda s: None)
     assert resumed["test"] == straight["test"] and resumed["valid"] == straight["valid"]
