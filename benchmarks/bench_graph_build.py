@@ -78,6 +78,25 @@ def main(argv=None):
         jax.block_until_ready((g.indices, g.weights))
         return g
 
+    def timed_build(case, builder, *inputs, **kwargs):
+        """Time ``builder(*inputs, **kwargs)``, validation alone, ``normalize`` and ``from_scipy``."""
+        with T() as t:
+            a = builder(*inputs, **kwargs)
+        record(case, builder.__name__, t.s)
+        with T() as t:
+            validate_adjacency(a)
+        record(case, "(validate_adjacency alone, inside normalize)", t.s)
+        with T() as t:
+            an = normalize(a)
+        record(case, "normalize", t.s)
+        with T() as t:
+            g = to_graph(an)
+        record(case, "NormalizedGraph.from_scipy", t.s)
+        assert g.nnz == an.nnz
+        degrees = np.diff(a.indptr)
+        return dict(nodes=n, nnz=int(a.nnz), isolated=int(np.count_nonzero(degrees == 0)),
+                    max_degree=int(degrees.max()))
+
     jax.block_until_ready(jax.numpy.zeros(1))  # backend start-up is not part of a build
     meta = {}
     for rep in range(args.repeats):
@@ -85,53 +104,17 @@ def main(argv=None):
         with T() as t:
             seqs, seq_info = powerlaw_sequences(n - 1, args.nnz, args.alpha, args.seed, mean_len=args.mean_len)
         record("a", "generate sequences (input, not timed in build)", t.s)
-        with T() as t:
-            a = cooccurrence_graph(seqs, n - 1, H=1, num_pads=1)
-        record("a", "cooccurrence_graph", t.s)
-        with T() as t:
-            validate_adjacency(a)
-        record("a", "(validate_adjacency alone, inside normalize)", t.s)
-        with T() as t:
-            an = normalize(a)
-        record("a", "normalize", t.s)
-        with T() as t:
-            g = to_graph(an)
-        record("a", "NormalizedGraph.from_scipy", t.s)
-        meta["a"] = dict(
-            nodes=n,
-            nnz=int(a.nnz),
-            isolated=int(np.count_nonzero(np.diff(a.indptr) == 0)),
-            tokens=seq_info["num_tokens"],
-            sequences=seq_info["num_sequences"],
-            max_degree=int(np.diff(a.indptr).max()),
-        )
-        assert g.nnz == an.nnz
-        del seqs, a, an, g
+        meta["a"] = timed_build("a", cooccurrence_graph, seqs, n - 1, H=1, num_pads=1)
+        meta["a"].update(tokens=seq_info["num_tokens"], sequences=seq_info["num_sequences"])
+        del seqs
 
         # (b) edge list
         with T() as t:
             src, dst = random_edges(n, args.edges, args.seed)
         record("b", "generate random edges (input, not timed in build)", t.s)
-        with T() as t:
-            a = edge_list_graph(src, dst, n)
-        record("b", "edge_list_graph", t.s)
-        with T() as t:
-            validate_adjacency(a)
-        record("b", "(validate_adjacency alone, inside normalize)", t.s)
-        with T() as t:
-            an = normalize(a)
-        record("b", "normalize", t.s)
-        with T() as t:
-            g = to_graph(an)
-        record("b", "NormalizedGraph.from_scipy", t.s)
-        meta["b"] = dict(
-            nodes=n,
-            nnz=int(a.nnz),
-            edges=args.edges,
-            isolated=int(np.count_nonzero(np.diff(a.indptr) == 0)),
-            max_degree=int(np.diff(a.indptr).max()),
-        )
-        del src, dst, a, an, g
+        meta["b"] = timed_build("b", edge_list_graph, src, dst, n)
+        meta["b"].update(edges=args.edges)
+        del src, dst
 
     build_stages = {
         "a": ("cooccurrence_graph", "normalize", "NormalizedGraph.from_scipy"),

@@ -147,7 +147,7 @@ def worker(args) -> None:
     from scipy.sparse.csgraph import reverse_cuthill_mckee
 
     import graphs as graph_gen
-    from sevo_jax.graph import normalize
+    from sevo_jax.graph import csr_row_ids, normalize
     from sevo_jax.smoothing import NormalizedGraph, propagate
 
     beta, L = args.beta, args.layers
@@ -204,7 +204,7 @@ def worker(args) -> None:
 
     def bandwidth_stat(a):
         """Mean |i - j| / n over stored entries (locality of the column accesses)."""
-        rows = np.repeat(np.arange(a.shape[0]), np.diff(a.indptr))
+        rows = csr_row_ids(a).astype(np.int64)
         return float(np.mean(np.abs(rows - a.indices)) / a.shape[0]) if a.nnz else 0.0
 
     def paired_median_ratio(num, den):

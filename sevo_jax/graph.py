@@ -211,6 +211,13 @@ def validate_adjacency(adjacency: sp.spmatrix, *, name: str = "adjacency") -> sp
     return a
 
 
+def csr_row_ids(csr: sp.csr_matrix) -> np.ndarray:
+    """The row of each stored entry of ``csr``, in storage order (int32 when it fits)."""
+    n = csr.shape[0]
+    dtype = np.int32 if n < 2**31 else np.int64
+    return np.repeat(np.arange(n, dtype=dtype), np.diff(csr.indptr))
+
+
 def normalize(adjacency: sp.spmatrix) -> sp.csr_matrix:
     """``Ã = D^-1/2 A D^-1/2`` with ``D = diag(row sums)``; degree-0 nodes get zero rows/cols."""
     out = validate_adjacency(adjacency).copy()
@@ -219,9 +226,7 @@ def normalize(adjacency: sp.spmatrix) -> sp.csr_matrix:
     inv_sqrt = np.zeros_like(deg)
     np.divide(1.0, np.sqrt(deg), out=inv_sqrt, where=deg > 0)
     # scale the stored entries in place: D @ A @ D took 48-54 s of a 100M-nnz build, this 12-21 s
-    n = out.shape[0]
-    rows = np.repeat(np.arange(n, dtype=np.int32 if n < 2**31 else np.int64), np.diff(out.indptr))
-    out.data *= inv_sqrt[rows]
+    out.data *= inv_sqrt[csr_row_ids(out)]
     out.data *= inv_sqrt[out.indices]
     out.eliminate_zeros()
     return out

@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.serialization
 import jax
@@ -68,6 +68,7 @@ from sevo_jax import smoothing
 __all__ = [
     "MeshPlan",
     "ShardedGraph",
+    "StepShardings",
     "build_mesh",
     "check_axis",
     "pad_adjacency",
@@ -483,16 +484,26 @@ def to_host(tree: Any) -> Any:
     return jax.tree_util.tree_map(get, tree)
 
 
+class StepShardings(NamedTuple):
+    """Shardings of a train step: params and state keep theirs, the batch is split by examples,
+    the dropout key and the loss are replicated."""
+
+    params: Any
+    opt_state: Any
+    batch: NamedSharding
+    replicated: NamedSharding
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshPlan:
     """Where each array of a sharded run lives, on a one-axis mesh of size ``P``.
 
     * the tables selected by ``table_mask`` (the trainer passes ``models.sevo_mask``: the
-      SASRec/GRU4Rec item table, both MF-BPR tables), padded with zero rows to a multiple of ``P``: ``P(axis, None)`` (by rows);
+      SASRec/GRU4Rec item table, both MF-BPR tables), padded with zero rows to a multiple of
+      ``P``: ``P(axis, None)`` (by rows);
     * their optimizer-state leaves (Adam moments...): the sharding of the param they mirror
       (matched by key path); the SEvo ``ShardedGraph`` keeps its own ``P(axis)`` layout;
-    * batches: ``P(axis)`` on the leading (example) dimension; the ranking exclusion mask
-      ``P(None, axis)`` (by item columns, like the scores); everything else replicated.
+    * batches: ``P(axis)`` on the leading (example) dimension; everything else replicated.
     """
 
     mesh: Mesh
@@ -517,10 +528,6 @@ class MeshPlan:
     @property
     def batch(self) -> NamedSharding:
         return NamedSharding(self.mesh, PSpec(self.axis))
-
-    @property
-    def columns(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PSpec(None, self.axis))
 
     def table_rows(self, params: Any) -> list[int]:
         """Row counts of the sharded tables, in pytree-flatten order (the graph's segments)."""
@@ -560,6 +567,11 @@ class MeshPlan:
             return self.replicated
 
         return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+    def step_shardings(self, params: Any, opt_state: Any) -> "StepShardings":
+        """The layout of a train step's arguments and results under this plan."""
+        return StepShardings(self.param_shardings(params), self.state_shardings(opt_state, params),
+                             self.batch, self.replicated)
 
     def put(self, tree: Any, shardings: Any) -> Any:
         """Place host or device arrays with ``shardings`` (a matching tree or one sharding).

@@ -80,12 +80,9 @@ class NormalizedGraph:
         """Wrap an already-normalised scipy matrix (use ``as_normalized_graph`` for raw ones)."""
         csr = sp.csr_matrix(normalized)  # canonical CSR is already sorted by (row, col)
         csr.sum_duplicates()
-        n = csr.shape[0]
-        index_dtype = np.int32 if n < 2**31 else np.int64
-        indices = np.empty((csr.nnz, 2), index_dtype)
-        indices[:, 0] = np.repeat(np.arange(n, dtype=index_dtype), np.diff(csr.indptr))
-        indices[:, 1] = csr.indices
-        return cls(jnp.asarray(indices), jnp.asarray(csr.data.astype(np.float32)), n)
+        rows = graph_lib.csr_row_ids(csr)
+        indices = np.stack([rows, csr.indices.astype(rows.dtype)], axis=1)
+        return cls(jnp.asarray(indices), jnp.asarray(csr.data.astype(np.float32)), csr.shape[0])
 
     def to_scipy(self) -> sp.csr_matrix:
         idx = np.asarray(self.indices)

@@ -361,13 +361,10 @@ def make_loss_fn(config: TrainConfig, model: nn.Module) -> Callable:
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-                    shardings: tuple[Any, Any, Any] | None = None) -> Callable:
+                    shardings: sharding_lib.StepShardings | None = None) -> Callable:
     """``(params, opt_state, batch, key) -> (params, opt_state, loss)``, jit-compiled.
 
-    ``shardings = (params shardings, opt_state shardings, replicated sharding)`` pins the
-    step's layout on a one-axis mesh (``sharding.MeshPlan``): params and state keep their shardings,
-    the batch is split over the axis by examples (leading dimension), the key and the loss
-    are replicated."""
+    ``shardings`` (``MeshPlan.step_shardings``) pins the step's layout on a mesh."""
 
     def train_step(params, opt_state, batch, key):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
@@ -376,11 +373,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
     if shardings is None:
         return jax.jit(train_step, donate_argnums=(0, 1))
-    params_sh, state_sh, replicated = shardings
-    batch_sh = NamedSharding(replicated.mesh, PartitionSpec(replicated.mesh.axis_names[0]))
+    s = shardings
     return jax.jit(train_step, donate_argnums=(0, 1),
-                   in_shardings=(params_sh, state_sh, batch_sh, replicated),
-                   out_shardings=(params_sh, state_sh, replicated))
+                   in_shardings=(s.params, s.opt_state, s.batch, s.replicated),
+                   out_shardings=(s.params, s.opt_state, s.replicated))
 
 
 def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None,
@@ -522,8 +518,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
     sampler = NegativeSampler(ds)
     best_params = sharding_lib.to_host(params)
     progress = Progress()
-    shardings = None if plan is None else (
-        plan.param_shardings(params), plan.state_shardings(opt_state, params), plan.replicated)
+    shardings = None if plan is None else plan.step_shardings(params, opt_state)
     writer = plan is None or jax.process_index() == 0  # several hosts: process 0 writes
 
     ckpt = out / "checkpoint.msgpack"
@@ -531,7 +526,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
     if resume and ckpt.exists():
         params, opt_state, best_params, progress = load_checkpoint(ckpt, params, opt_state, cfg_dict)
         if plan is not None:
-            params, opt_state = plan.put((params, opt_state), shardings[:2])
+            params, opt_state = plan.put((params, opt_state), (shardings.params, shardings.opt_state))
         kept = [line for line in _complete_lines(log_path) if json.loads(line)["epoch"] <= progress.epoch]
         if writer:
             log_path.write_text("".join(line + "\n" for line in kept))
@@ -587,7 +582,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
     bar.close()
 
     if plan is not None:
-        best_params = plan.put(best_params, shardings[0])
+        best_params = plan.put(best_params, shardings.params)
     test = evaluate(config, scorer, best_params, ds, "test", plan)
     results = {"valid": progress.best_valid, "test": test, "best_epoch": progress.best_epoch,
                "epochs_run": progress.epoch, "config": cfg_dict, "data": ds.stats()}

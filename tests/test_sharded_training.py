@@ -13,6 +13,9 @@ here pads the item table to 152 rows (one padding id, 151).
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,8 +66,7 @@ def _one_step(config, ds, key):
 
     plan = training.mesh_plan(config)
     model, optimizer, params, opt_state = training.init_training(config, ds, plan)
-    shardings = None if plan is None else (
-        plan.param_shardings(params), plan.state_shardings(opt_state, params), plan.replicated)
+    shardings = None if plan is None else plan.step_shardings(params, opt_state)
     step = training.make_train_step(training.make_loss_fn(config, model), optimizer, shardings)
     examples = training.training_examples(config, ds)
     rng = np.random.default_rng([config.seed, 1])
@@ -259,13 +261,7 @@ def test_distributed_and_mesh_flags_parse():
     assert config_from_args(build_parser().parse_args([])).mesh is None
 
 
-if __name__ == "__main__":
-    helpers.script_main(CHECKS, sys.argv[1:])
-
-
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
@@ -274,9 +270,6 @@ def _free_port() -> int:
 def test_two_processes_match_one_process(tmp_path):
     """The multi-host path for real: 2 processes x 4 CPU devices (gloo collectives) with
     ``--distributed --mesh data=8`` end with the metrics of an unsharded single-process run."""
-    import os
-    import subprocess
-
     base = [sys.executable, "-m", "sevo_jax.train", "--epochs", "1", "--eval-every", "1",
             "--no-progress"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
@@ -299,3 +292,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert multi["config"]["mesh"] == "data=8" and one["config"]["mesh"] is None
     for split in ("valid", "test"):
         assert multi[split] == pytest.approx(one[split], abs=1e-6), split
+
+
+if __name__ == "__main__":
+    helpers.script_main(CHECKS, sys.argv[1:])
