@@ -61,9 +61,17 @@ def run_one(args, ds, model: str, optimizer: str, seed: int, out: Path) -> dict:
                                   **({} if args.patience is None else {"patience": args.patience}))
     start = time.perf_counter()
     results = training.fit(config, dataset=ds, resume=True)
-    results["wall_seconds"] = round(time.perf_counter() - start, 1)
+    results["wall_seconds"] = round(time.perf_counter() - start, 1)  # this process only
+    results["train_seconds"] = train_seconds(out)
     done.write_text(json.dumps(results, indent=2))
     return results
+
+
+def train_seconds(out: Path) -> float:
+    """Training time of a run summed over its logged epochs, so it survives resumes."""
+    log = out / "metrics.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return round(sum(json.loads(line)["train_seconds"] for line in lines if line.strip()), 1)
 
 
 def summarise(args, grid: dict, dataset_key: str) -> str:
@@ -71,7 +79,7 @@ def summarise(args, grid: dict, dataset_key: str) -> str:
         f"Data: `{args.data or 'synthetic'}`; machine: {platform.node()} ({jax.default_backend()}, "
         f"{jax.device_count()} device(s)); date: {time.strftime('%Y-%m-%d')}.",
         "",
-        "| model | optimizer | finished seeds | " + " | ".join(COLUMNS) + " | best epoch | wall s/run | published (SEvo) NDCG@10 |",
+        "| model | optimizer | finished seeds | " + " | ".join(COLUMNS) + " | best epoch | train min/run | published (SEvo) NDCG@10 |",
         "|---" * (len(COLUMNS) + 6) + "|",
     ]
     for (model, optimizer), runs in grid.items():
@@ -79,9 +87,10 @@ def summarise(args, grid: dict, dataset_key: str) -> str:
         cells = [f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}" for v in tests.values()]
         pub = PUBLISHED.get((model, dataset_key), {}).get("NDCG@10")
         best = ", ".join(f"{r['best_epoch']} (s{r['config']['seed']})" for r in runs)
-        wall = np.mean([r.get("wall_seconds", np.nan) for r in runs])
+        minutes = np.mean([r.get("train_seconds") or train_seconds(Path(r["config"]["out"]))
+                           for r in runs]) / 60
         lines.append(f"| {model} | {optimizer} | {len(runs)} | " + " | ".join(cells)
-                     + f" | {best} | {wall:.0f} | {pub if optimizer == 'sevo-adamw' and pub else '-'} |")
+                     + f" | {best} | {minutes:.1f} | {pub if optimizer == 'sevo-adamw' and pub else '-'} |")
     lines += ["", "Commands:", ""]
     for (model, optimizer), runs in grid.items():
         for seed in args.seeds:
@@ -116,6 +125,8 @@ def main(argv=None) -> None:
                 runs = [run_one(args, ds, model, optimizer, seed, o) for seed, o in zip(args.seeds, outs)]
             if runs:
                 grid[(model, optimizer)] = runs
+    if not grid:
+        p.error(f"no finished runs (results.json) under {args.out} for this grid")
     summary = summarise(args, grid, args.dataset_key)
     Path(args.out, "summary.md").write_text(summary + "\n")
     print(summary)

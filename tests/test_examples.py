@@ -1,5 +1,6 @@
 """The example scripts run end to end (one epoch on a small synthetic set) and print metrics."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,13 @@ def test_reproduce_paper_grid_resumes_and_summarises(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| sasrec | adamw | 1 |" in summary and "| sasrec | sevo-adamw | 1 |" in summary
     assert "sevo-train --model sasrec --optimizer sevo-adamw --seed 0" in summary
+    results = json.loads((tmp_path / "sasrec-adamw-s0" / "results.json").read_text())
+    assert results["train_seconds"] > 0  # summed from metrics.jsonl, so it survives resumes
     # summary of a partly finished grid: seed 1 has not run, nothing is trained
     partial = run("--seeds", "0", "1", "--summary-only")
     assert partial.returncode == 0, partial.stderr[-3000:]
     assert "| sasrec | adamw | 1 |" in partial.stdout
     assert not (tmp_path / "sasrec-adamw-s1").exists()
+    nothing = run("--summary-only", "--out", str(tmp_path / "missing"))
+    assert nothing.returncode == 2 and "no finished runs" in nothing.stderr
+    assert "Traceback" not in nothing.stderr
