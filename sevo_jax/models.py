@@ -14,6 +14,7 @@ The tables SEvo smooths sit at fixed parameter paths, selected by :func:`sevo_ma
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -22,12 +23,14 @@ import jax.numpy as jnp
 
 __all__ = [
     "SEVO_TABLES",
-    "BiasFreeGRUCell",
+    "BiasFreeGRU",
     "GRU4Rec",
     "MFBPR",
     "SASRec",
     "SASRecBlock",
+    "bias_free_gru_step",
     "bpr_loss",
+    "masked_gru",
     "sasrec_loss",
     "sevo_mask",
 ]
@@ -156,55 +159,170 @@ def sasrec_loss(pos_logits: jax.Array, neg_logits: jax.Array, mask: jax.Array) -
 # --------------------------------------------------------------------------------------------
 
 
-class BiasFreeGRUCell(nn.RNNCellBase):
-    """A GRU cell without biases (PyTorch ``nn.GRU(bias=False)``)::
+def _gru_gates(w_input, w_recurrent, h, x):
+    x_r, x_z, x_n = jnp.split(x @ w_input, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(h @ w_recurrent, 3, axis=-1)
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * h_n)
+    return r, z, n, h_n
+
+
+def bias_free_gru_step(w_input: jax.Array, w_recurrent: jax.Array, h: jax.Array,
+                       x: jax.Array) -> jax.Array:
+    """One step of a GRU without biases (PyTorch ``nn.GRU(bias=False)``)::
 
         r = sigmoid(W_ir x + W_hr h),  z = sigmoid(W_iz x + W_hz h)
         n = tanh(W_in x + r * (W_hn h)),  h' = (1 - z) * n + z * h
 
-    ``nn.GRUCell`` in Flax always carries input biases, hence this cell. The three gates share
-    one ``(d_in, 3d)`` input kernel and one ``(d, 3d)`` recurrent kernel, both Xavier uniform
-    like the reference implementation.
+    ``w_input (d_in, 3d)`` and ``w_recurrent (d, 3d)`` hold the three gates side by side.
     """
+    _, z, n, _ = _gru_gates(w_input, w_recurrent, h, x)
+    return (1.0 - z) * n + z * h
+
+
+def _bias_free_gru_step_vjp(w_input, w_recurrent, h, x, dh_new):
+    """``(dW_input, dW_recurrent, dh, dx)`` of :func:`bias_free_gru_step` given ``dh_new``."""
+    r, z, n, h_n = _gru_gates(w_input, w_recurrent, h, x)
+    dn = dh_new * (1.0 - z) * (1.0 - n * n)       # through tanh
+    dz = dh_new * (h - n) * z * (1.0 - z)          # through sigmoid
+    dr = dn * h_n * r * (1.0 - r)
+    d_xgates = jnp.concatenate([dr, dz, dn], axis=-1)
+    d_hgates = jnp.concatenate([dr, dz, dn * r], axis=-1)
+    dh = dh_new * z + d_hgates @ w_recurrent.T
+    return x.T @ d_xgates, h.T @ d_hgates, dh, d_xgates @ w_input.T
+
+
+def _dropped(x, key, rate):
+    """Inverted dropout of ``x`` with the mask drawn from ``key`` (identity at rate 0)."""
+    if rate == 0.0:
+        return x, 1.0
+    scale = jax.random.bernoulli(key, 1.0 - rate, x.shape) / (1.0 - rate)
+    return x * scale, scale
+
+
+def _group_keys(key, steps, groups):
+    """One dropout key per (time step, group): ``(T, G)`` keys."""
+    return jax.vmap(lambda k: jax.random.split(k, groups))(jax.random.split(key, steps))
+
+
+def _groups_scan(w_input, w_recurrent, x, valid, key, rate):
+    """Forward: final state ``(G, S, d)`` and the state before every step ``(T, G, S, d)``."""
+    steps, groups, size = valid.shape
+    features = w_recurrent.shape[0]
+
+    def group_step(h, x_g, valid_g, key_g):
+        x_g, _ = _dropped(x_g, key_g, rate)
+        return jnp.where(valid_g[:, None], bias_free_gru_step(w_input, w_recurrent, h, x_g), h)
+
+    def time_step(h, inputs):
+        x_t, valid_t, keys_t = inputs
+        new_h = jnp.stack([
+            jax.lax.cond(valid_t[g].any(), group_step, lambda h, *_: h,
+                         h[g], x_t[g], valid_t[g], keys_t[g])
+            for g in range(groups)
+        ])
+        return new_h, h
+
+    h0 = jnp.zeros((groups, size, features), x.dtype)
+    return jax.lax.scan(time_step, h0, (x, valid, _group_keys(key, steps, groups)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _masked_gru_groups(w_input, w_recurrent, x, valid, key, rate):
+    return _groups_scan(w_input, w_recurrent, x, valid, key, rate)[0]
+
+
+def _masked_gru_groups_fwd(w_input, w_recurrent, x, valid, key, rate):
+    last, before = _groups_scan(w_input, w_recurrent, x, valid, key, rate)
+    return last, (w_input, w_recurrent, x, valid, key, before)
+
+
+def _masked_gru_groups_bwd(rate, residuals, d_last):
+    # Hand-written reverse pass: a group skips every step at which none of its rows is valid
+    # (JAX's own transpose of the forward scan does the full work at every step), and the
+    # dropout masks are redrawn from their keys instead of stored.
+    w_input, w_recurrent, x, valid, key, before = residuals
+    steps, groups, _ = valid.shape
+
+    def group_vjp(carry, h, x_g, valid_g, key_g, dh_g):
+        dw_i, dw_h = carry
+        x_g, scale = _dropped(x_g, key_g, rate)
+        dh_new = jnp.where(valid_g[:, None], dh_g, 0.0)
+        gw_i, gw_h, dh, dx = _bias_free_gru_step_vjp(w_input, w_recurrent, h, x_g, dh_new)
+        return (dw_i + gw_i, dw_h + gw_h), jnp.where(valid_g[:, None], dh, dh_g), dx * scale
+
+    def skip(carry, h, x_g, valid_g, key_g, dh_g):
+        return carry, dh_g, jnp.zeros_like(x_g)
+
+    def time_step(carry, inputs):
+        dws, dh = carry
+        x_t, valid_t, keys_t, h_t = inputs
+        dh_out, dx_out = [], []
+        for g in range(groups):
+            dws, dh_g, dx_g = jax.lax.cond(valid_t[g].any(), group_vjp, skip, dws, h_t[g],
+                                           x_t[g], valid_t[g], keys_t[g], dh[g])
+            dh_out.append(dh_g)
+            dx_out.append(dx_g)
+        return (dws, jnp.stack(dh_out)), jnp.stack(dx_out)
+
+    init = ((jnp.zeros_like(w_input), jnp.zeros_like(w_recurrent)), d_last)
+    inputs = (x, valid, _group_keys(key, steps, groups), before)
+    ((dw_i, dw_h), _), dx = jax.lax.scan(time_step, init, inputs, reverse=True)
+    return dw_i, dw_h, dx, None, None
+
+
+_masked_gru_groups.defvjp(_masked_gru_groups_fwd, _masked_gru_groups_bwd)
+
+
+def masked_gru(w_input: jax.Array, w_recurrent: jax.Array, x: jax.Array, valid: jax.Array,
+               row_groups: int = 1, dropout: float = 0.0,
+               dropout_key: jax.Array | None = None) -> jax.Array:
+    """Final state ``(B, d)`` of a bias-free GRU over time-major ``x (T, B, d_in)`` from
+    ``h = 0``, where steps with ``valid (T, B)`` false leave a row's state unchanged.
+
+    ``dropout`` drops input entries (inverted dropout, masks from ``dropout_key``) of valid
+    steps, which is elementwise dropout on ``x`` (the padding steps' inputs are never read).
+
+    The batch is split into ``row_groups`` consecutive groups of rows, and a group skips
+    (``lax.cond``, forward and backward, dropout masks included) every step at which none of
+    its rows is valid. The function does not depend on ``row_groups`` (nor do the dropout
+    masks' distribution); with rows sorted by length and left-padded sequences of very
+    different lengths (GRU4Rec's prefixes: mean 8 of 50 positions on Beauty) skipping saves
+    most of the work.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if dropout and dropout_key is None:
+        raise ValueError("dropout > 0 needs a dropout_key")
+    steps, batch, d_in = x.shape
+    pad = -batch % row_groups
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(steps, row_groups, -1, d_in)
+    valid = jnp.pad(valid, ((0, 0), (0, pad))).reshape(steps, row_groups, -1)
+    key = jax.random.PRNGKey(0) if dropout_key is None else dropout_key
+    last = _masked_gru_groups(w_input, w_recurrent, x, valid, key, float(dropout))
+    return last.reshape(batch + pad, -1)[:batch]
+
+
+class BiasFreeGRU(nn.Module):
+    """One bias-free GRU layer over padded sequences (:func:`masked_gru`) with dropout on its
+    inputs (``dropout``, rng stream ``"dropout"``); both kernels are Xavier uniform like the
+    reference implementation (``flax.linen.GRUCell`` always carries input biases, hence this
+    layer). ``row_groups`` only changes speed."""
 
     features: int
+    dropout: float = 0.0
+    row_groups: int = 8
     kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
 
     @nn.compact
-    def __call__(self, carry: jax.Array, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        dense = lambda name: nn.Dense(  # noqa: E731
-            3 * self.features, use_bias=False, kernel_init=self.kernel_init, name=name
-        )
-        x_r, x_z, x_n = jnp.split(dense("input")(inputs), 3, axis=-1)
-        h_r, h_z, h_n = jnp.split(dense("recurrent")(carry), 3, axis=-1)
-        r = nn.sigmoid(x_r + h_r)
-        z = nn.sigmoid(x_z + h_z)
-        n = jnp.tanh(x_n + r * h_n)
-        new_h = (1.0 - z) * n + z * carry
-        return new_h, new_h
-
-    @nn.nowrap
-    def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> jax.Array:
-        return jnp.zeros((*input_shape[:-1], self.features))
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
-
-
-class _MaskedGRUStep(nn.Module):
-    """One GRU step that leaves the state unchanged at padding positions."""
-
-    features: int
-
-    @nn.compact
-    def __call__(
-        self, h: jax.Array, inputs: tuple[jax.Array, jax.Array]
-    ) -> tuple[jax.Array, jax.Array]:
-        x, valid = inputs
-        new_h, _ = BiasFreeGRUCell(self.features, name="cell")(h, x)
-        h = jnp.where(valid[:, None], new_h, h)
-        return h, h
+    def __call__(self, x: jax.Array, valid: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Final states ``(B, d)`` of time-major ``x (T, B, d_in)`` (:func:`masked_gru`)."""
+        w_input = self.param("input_kernel", self.kernel_init, (x.shape[-1], 3 * self.features))
+        w_recurrent = self.param("recurrent_kernel", self.kernel_init, (self.features, 3 * self.features))
+        rate = 0.0 if deterministic else self.dropout
+        key = self.make_rng("dropout") if rate else None
+        return masked_gru(w_input, w_recurrent, x, valid, self.row_groups, rate, key)
 
 
 class GRU4Rec(nn.Module):
@@ -213,35 +331,31 @@ class GRU4Rec(nn.Module):
     ``Embed (Xavier normal) -> Dropout -> one bias-free GRU layer -> Dense``; the user vector is
     the Dense output at the last non-padding position. Padding steps leave the GRU state
     unchanged, so left- and right-padded inputs give the same user vector (and an all-padding
-    row gives ``Dense(0)``).
+    row gives ``Dense(0)``). ``row_groups`` (:func:`masked_gru`) only changes speed: training
+    on Beauty's prefixes it makes a step about 3x faster on a CPU core than a plain scan.
     """
 
     num_items: int
     features: int = 64
     dropout: float = 0.4
+    row_groups: int = 8
 
     def setup(self) -> None:
         self.item_embedding = nn.Embed(
             self.num_items + 1, self.features, embedding_init=_xavier_normal
         )
-        self.embedding_dropout = nn.Dropout(self.dropout)
-        self.gru = nn.scan(
-            _MaskedGRUStep,
-            variable_broadcast="params",
-            split_rngs={"params": False},
-            in_axes=1,
-            out_axes=1,
-        )(self.features)
+        # The embedding dropout of spec §4 is drawn inside the GRU, for valid steps only.
+        self.gru = BiasFreeGRU(self.features, self.dropout, self.row_groups)
         self.dense = nn.Dense(self.features)
 
     def __call__(self, seqs: jax.Array, *, deterministic: bool) -> jax.Array:
         """Returns the user vectors ``(B, d)`` of item sequences ``(B, T)``."""
-        x = self.item_embedding(seqs)
-        x = self.embedding_dropout(x, deterministic=deterministic)
-        h0 = jnp.zeros((seqs.shape[0], self.features), x.dtype)
-        # With masked steps the final carry is the state at the last non-padding position.
-        last, _ = self.gru(h0, (x, seqs != 0))
-        return self.dense(last)
+        # Longest rows first, so that the GRU's row groups skip the padding steps of short ones;
+        # time-major ids, so that no float array is transposed.
+        order = jnp.argsort(-(seqs != 0).sum(axis=1), stable=True)
+        seqs = seqs[order].T
+        last = self.gru(self.item_embedding(seqs), seqs != 0, deterministic=deterministic)
+        return self.dense(last[jnp.argsort(order)])
 
     def score(self, hidden: jax.Array, items: jax.Array) -> jax.Array:
         """Dot products ``(..., K)`` of ``hidden (..., d)`` with items ``(..., K)``."""

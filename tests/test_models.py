@@ -13,7 +13,9 @@ from sevo_jax.models import (
     GRU4Rec,
     MFBPR,
     SASRec,
+    bias_free_gru_step,
     bpr_loss,
+    masked_gru,
     sasrec_loss,
     sevo_mask,
 )
@@ -154,8 +156,8 @@ def test_gru4rec_matches_reference_gru(gru4rec):
     model, params, forward = gru4rec
     seq = [4, 2, 7]
     emb = np.asarray(params["item_embedding"]["embedding"])
-    w_i = np.asarray(params["gru"]["cell"]["input"]["kernel"])
-    w_h = np.asarray(params["gru"]["cell"]["recurrent"]["kernel"])
+    w_i = np.asarray(params["gru"]["input_kernel"])
+    w_h = np.asarray(params["gru"]["recurrent_kernel"])
     sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     h = np.zeros(D)
     for item in seq:
@@ -166,6 +168,82 @@ def test_gru4rec_matches_reference_gru(gru4rec):
     expected = h @ np.asarray(params["dense"]["kernel"]) + np.asarray(params["dense"]["bias"])
     got = forward(params, left_pad([seq, seq], 6))
     np.testing.assert_allclose(got[0], expected, atol=1e-5)
+
+
+def _gru_problem(batch=11, steps=7, d_in=5, d=4):
+    """Kernels, time-major inputs and a validity mask mixing left/right/gapped padding."""
+    k = jax.random.split(jax.random.key(1), 3)
+    w_i = jax.random.normal(k[0], (d_in, 3 * d)) * 0.5
+    w_h = jax.random.normal(k[1], (d, 3 * d)) * 0.5
+    x = jax.random.normal(k[2], (steps, batch, d_in))
+    valid = np.random.default_rng(0).random((steps, batch)) < 0.5
+    valid[:, 0] = False           # an all-padding row
+    valid[:, 1] = True            # a full row
+    valid[-2:, 2:5] = False       # right padding
+    return w_i, w_h, x, jnp.asarray(valid)
+
+
+def _reference_gru(w_i, w_h, x, valid):
+    def step(h, inputs):
+        x_t, valid_t = inputs
+        return jnp.where(valid_t[:, None], bias_free_gru_step(w_i, w_h, h, x_t), h), None
+    return jax.lax.scan(step, jnp.zeros((x.shape[1], w_h.shape[0])), (x, valid))[0]
+
+
+@pytest.mark.parametrize("row_groups", [1, 3, 4, 11])
+def test_masked_gru_value_and_gradients_match_a_plain_scan(row_groups):
+    """The skipping row groups and the hand-written backward pass change nothing."""
+    w_i, w_h, x, valid = _gru_problem()
+    probe = jax.random.normal(jax.random.key(2), (x.shape[1], w_h.shape[0]))
+
+    def loss(f):
+        return lambda *a: (f(*a) * probe).sum()
+
+    got = masked_gru(w_i, w_h, x, valid, row_groups)
+    np.testing.assert_allclose(got, _reference_gru(w_i, w_h, x, valid), atol=1e-6)
+    grads = jax.grad(loss(lambda *a: masked_gru(*a, row_groups)), argnums=(0, 1, 2))(w_i, w_h, x, valid)
+    expected = jax.grad(loss(_reference_gru), argnums=(0, 1, 2))(w_i, w_h, x, valid)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+def test_masked_gru_backward_with_dropout_matches_autodiff():
+    """With dropout the custom backward (masks redrawn from their keys) equals JAX's autodiff
+    of the same forward pass."""
+    from sevo_jax.models import _groups_scan
+
+    w_i, w_h, x, valid = _gru_problem(batch=12)
+    key = jax.random.key(3)
+    groups = (x.shape[0], 3, 4)
+    x_g, valid_g = x.reshape(groups + x.shape[2:]), valid.reshape(groups)
+
+    def ours(w_i, w_h, x):
+        return masked_gru(w_i, w_h, x, valid, 3, 0.4, key).sum()
+
+    def autodiff(w_i, w_h, x):
+        return _groups_scan(w_i, w_h, x.reshape(x_g.shape), valid_g, key, 0.4)[0].sum()
+
+    np.testing.assert_allclose(ours(w_i, w_h, x), autodiff(w_i, w_h, x), rtol=1e-6)
+    for g, e in zip(jax.grad(ours, (0, 1, 2))(w_i, w_h, x), jax.grad(autodiff, (0, 1, 2))(w_i, w_h, x)):
+        np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+def test_masked_gru_dropout_drops_the_rate_of_valid_inputs_only():
+    w_i, w_h, x, valid = _gru_problem(batch=64, steps=20, d_in=32)
+    dx = jax.grad(lambda x: masked_gru(w_i, w_h, x, valid, 4, 0.4, jax.random.key(4)).sum())(x)
+    dropped = np.asarray(dx == 0).all(axis=-1, keepdims=False)  # whole rows never drop by chance
+    zeros = np.asarray(dx == 0)
+    assert not dropped[np.asarray(valid)].any()
+    assert zeros[~np.asarray(valid)].all()                       # padding steps are never read
+    assert abs(zeros[np.asarray(valid)].mean() - 0.4) < 0.02
+
+
+def test_masked_gru_rejects_bad_dropout():
+    w_i, w_h, x, valid = _gru_problem()
+    with pytest.raises(ValueError, match="dropout must be in"):
+        masked_gru(w_i, w_h, x, valid, dropout=1.0, dropout_key=jax.random.key(0))
+    with pytest.raises(ValueError, match="needs a dropout_key"):
+        masked_gru(w_i, w_h, x, valid, dropout=0.4)
 
 
 def test_gru4rec_all_padding_row_is_finite(gru4rec):
