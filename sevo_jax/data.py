@@ -490,16 +490,19 @@ def load_seqtxt(
 
     This is the common sequential-recommendation format (e.g. ``Beauty.txt``). A user listed
     on several lines gets the lines' items in file order. The file has no timestamps, so a
-    repeated item is a repeat consumption, never a duplicate row. A file whose every line is
-    ``user<TAB>item<TAB>rating<TAB>timestamp`` (MovieLens ratings) is refused.
+    repeated item is a repeat consumption, never a duplicate row. A file whose lines are, at
+    least half of them, ``user<TAB>item<TAB>rating<TAB>timestamp`` (MovieLens ratings) is
+    refused.
     """
     path = _check_file(path)
     lines, linenos = _data_lines(path, "utf-8")
-    if _looks_like_ratings(lines):
+    ratings = _ratings_lines(lines)
+    if 2 * ratings.size >= len(lines):
+        k = ratings[0]
         raise DataError(
-            f"{path}:{linenos[0]}: found tab-separated user, item, rating, timestamp on every "
-            f"line ({_snippet(lines[0])}), expected a user id followed by item ids; "
-            "for a ratings file use --format movielens"
+            f"{path}:{linenos[k]}: found tab-separated user, item, rating, timestamp "
+            f"({_snippet(lines[k])}) on {ratings.size} of {len(lines)} lines, expected a user "
+            "id followed by item ids; for a ratings file use --format movielens"
         )
     fields = [line.split() for line in lines]
     lengths = np.fromiter(map(len, fields), np.int64, len(fields))
@@ -524,9 +527,9 @@ def load_seqtxt(
     )
 
 
-def _looks_like_ratings(lines: list[str]) -> bool:
-    """Every line has four tab-separated fields, as MovieLens ``u.data`` and its splits do."""
-    return bool(lines) and all(line.strip().count("\t") == 3 for line in lines)
+def _ratings_lines(lines: list[str]) -> np.ndarray:
+    """Indices of the lines with four tab-separated fields, as in MovieLens ``u.data``."""
+    return np.flatnonzero([line.strip().count("\t") == 3 for line in lines])
 
 
 def _format_hint(line: str) -> str:
@@ -549,7 +552,7 @@ def _movielens_files(path: Path) -> tuple[Path, str, Path | None, Path | None]:
             raise DataError(f"{path}: no u.data or ratings.dat in this directory")
     path = _check_file(path)
     with open(path, encoding="latin-1") as f:
-        first = f.readline()
+        first = next((line for line in f if line.strip()), "")
     sep = "::" if "::" in first else "\t"
     folder = path.parent
     if sep == "\t":
@@ -670,8 +673,8 @@ def load_csv(
 ) -> SequenceDataset:
     """Load a ``user,item,timestamp`` CSV (standard quoting; optional header line).
 
-    The first line is a header when its timestamp field is not a number at all (a ``nan`` or
-    ``inf`` timestamp is a data row, and an error). Ids are integers
+    The first line is a header when none of its three fields is a number (so ``1,2,x`` or
+    ``1,2,nan`` is a data row, and an error). Ids are integers
     (ordered numerically) when every id of the column is an integer, otherwise arbitrary
     strings (ordered lexicographically). Timestamps are numbers; ties keep file order.
     """
@@ -683,7 +686,7 @@ def load_csv(
         if row and any(field.strip() for field in row):
             rows.append(row)
             linenos.append(reader.line_num)
-    if rows and len(rows[0]) == 3 and not _is_float_literal(rows[0][2]):
+    if rows and len(rows[0]) == 3 and not any(map(_is_float_literal, rows[0])):
         rows, linenos = rows[1:], linenos[1:]
     if not rows:
         raise DataError(f"{path}: file is empty (no data lines)")
@@ -799,11 +802,11 @@ def synthetic(
 
 
 def detect_format(path: PathLike) -> str:
-    """The format of ``path`` from its content: ``"movielens"`` for a directory, a
-    ``ratings.dat`` line (``::``) or tab-separated ``user item rating timestamp`` lines (as in
-    ``u.data``, ``u1.base``), ``"csv"`` for comma-separated lines, else ``"seqtxt"``.
+    """The format of ``path`` from its content: ``"movielens"`` for a directory or a first
+    line that is a ``ratings.dat`` line (``::``) or tab-separated ``user item rating timestamp``
+    (as in ``u.data``, ``u1.base``), ``"csv"`` for a comma-separated one, else ``"seqtxt"``.
 
-    Only the first lines are read; the loader then checks the whole file against the format.
+    Only the first line is read; the loader then checks the whole file against the format.
     """
     path = Path(path)
     if path.is_dir():
@@ -811,11 +814,10 @@ def detect_format(path: PathLike) -> str:
     path = _check_file(path)
     with open(path, "rb") as f:
         head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf").decode("latin-1")
-    lines = [line for line in head.replace("\r\n", "\n").split("\n")[:-1] or [head]
-             if line.strip()][:50]
+    lines = [line for line in head.replace("\r\n", "\n").split("\n") if line.strip()][:1]
     if not lines:
         return "seqtxt"  # the loader reports the empty file
-    if "::" in lines[0] or _looks_like_ratings(lines):
+    if "::" in lines[0] or _ratings_lines(lines[:1]).size:
         return "movielens"
     return "csv" if "," in lines[0] else "seqtxt"
 

@@ -319,7 +319,7 @@ RATINGS_LINES = "196\t242\t3\t881250949\n186\t302\t3\t891717742\n196\t377\t1\t87
         ("log.txt", "user,item,timestamp\na,b,1\n", "csv"),
         ("seq.csv", "1 1 2 3\n2 3 4 5\n", "seqtxt"),
         ("seq.txt", "\ufeff1 1 2 3\n", "seqtxt"),
-        ("tabs.txt", "1\t1\t2\n2\t3\t4\t5\t6\n", "seqtxt"),  # tabs, but not 4 fields a line
+        ("tabs.txt", "1\t1\t2\n2\t3\t4\t5\n", "seqtxt"),  # tabs, but not 4 fields first
     ],
 )
 def test_detect_format_reads_the_content_not_the_name(tmp_path, name, text, expected):
@@ -448,3 +448,17 @@ def test_no_user_left_says_why(tmp_path):
     path = _write(tmp_path / "short.csv", "1,1,1\n1,1,1\n1,2,2\n")
     with pytest.raises(DataError, match=r"short\.csv: no user left .*fewer than 3.*1 duplicates"):
         data.load_csv(path)
+
+
+def test_movielens_separator_comes_from_the_first_non_blank_line(tmp_path):
+    # found by tests/test_data_properties.py: a blank first line made '::' files tab-separated
+    path = _write(tmp_path / "ratings.dat", "   \n1::1::3::0\n1::2::3::1\n1::3::3::2\n")
+    assert data.load_movielens(path).stats()["interactions"] == 3
+
+
+def test_csv_header_is_a_row_without_any_number(tmp_path):
+    # '1,2,x' is a data row with a bad timestamp, not a header to skip
+    with pytest.raises(DataError, match=r"log\.csv:1: timestamp 'x' is not a finite number"):
+        data.load_csv(_write(tmp_path / "log.csv", "1,2,x\n1,3,2\n1,4,3\n1,5,4\n"))
+    ds = data.load_csv(_write(tmp_path / "named.csv", "user_id,item_id,ts\n1,3,2\n1,4,3\n1,5,4\n"))
+    assert ds.stats()["interactions"] == 3
