@@ -542,6 +542,11 @@ def save_checkpoint(path: Path, params, opt_state, best_params, progress: Progre
     _write_atomic(path.with_suffix(".json"), json.dumps(meta).encode())
 
 
+def has_checkpoint(out: str | os.PathLike) -> bool:
+    """Whether the run folder ``out`` holds a checkpoint that ``fit(..., resume=True)`` reads."""
+    return (Path(out) / "checkpoint.msgpack").exists()
+
+
 class ResumeError(ValueError):
     """A checkpoint that cannot be resumed by this run's config (see :func:`resume_conflicts`)."""
 
@@ -661,7 +666,7 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         found = [name for name in RUN_FILES if (out / name).exists()]
-        if resume and not (out / "checkpoint.msgpack").exists():
+        if resume and not has_checkpoint(out):
             held = f" (it holds {', '.join(found)}; --overwrite starts again)" if found else ""
             raise ValueError(f"cannot resume: {out} holds no checkpoint{held}")
         if found and not resume:
