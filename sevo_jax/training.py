@@ -94,6 +94,8 @@ class TrainConfig:
         Cheap and reads no data, so a bad value fails before any work is done.
         """
         for field in dataclasses.fields(self):
+            if field.name not in _FIELD_RULES:  # a new field must say what values it takes
+                raise TypeError(f"TrainConfig.{field.name} has no rule in training._FIELD_RULES")
             problem = _FIELD_RULES[field.name](getattr(self, field.name))
             if problem:
                 raise ConfigError(field.name, f"{problem}, got {getattr(self, field.name)!r}")
