@@ -431,7 +431,7 @@ def test_bom_at_the_top_of_a_sequence_file_is_stripped(tmp_path):
     plain = data.load_seqtxt(_write(tmp_path / "plain.txt", "1 1 2 3\n2 2 3 4\n"))
     assert data.load_seqtxt(path).fingerprint() == plain.fingerprint()
     ratings = tmp_path / "u.data"
-    ratings.write_bytes(b"\xef\xbb\xbf" + "1\t1\t5\t1\n1\t2\t5\t2\n1\t3\t5\t3\n".encode())
+    ratings.write_bytes(b"\xef\xbb\xbf1\t1\t5\t1\n1\t2\t5\t2\n1\t3\t5\t3\n")
     assert data.load_movielens(ratings).num_users == 1
 
 

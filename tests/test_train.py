@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sevo_jax import data, training
+from sevo_jax import training
 from sevo_jax.train import main
 from tests import helpers
 
