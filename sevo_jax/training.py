@@ -653,8 +653,10 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
     holds no checkpoint. ``overwrite`` deletes the previous run's ``RUN_FILES``.
 
     The lock is ``flock`` on ``out/LOCK_FILE``: the OS releases it when the process dies,
-    so a crashed run never leaves the folder locked.
+    so a crashed run never leaves the folder locked. A run that fails before writing anything
+    removes the folder if it created it.
     """
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -679,7 +681,13 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
                 (out / name).unlink()
             log(f"overwrite: deleted {', '.join(found)} from {out}")
         yield
-    finally:  # the lock file stays: deleting it could let two runs lock two different files
+    except BaseException:
+        if created and os.listdir(out) == [LOCK_FILE]:  # still locked: no other run is in it
+            with contextlib.suppress(OSError):
+                (out / LOCK_FILE).unlink()
+                out.rmdir()
+        raise
+    finally:  # otherwise the lock file stays: deleting it could let two runs lock two files
         os.close(fd)
 
 

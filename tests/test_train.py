@@ -151,7 +151,7 @@ def test_a_used_out_is_refused_unless_overwrite(capsys, tmp_path, tiny_csv):
 def test_resume_without_a_checkpoint_is_an_error(capsys, tmp_path, tiny_csv):
     _fails(capsys, ["--data", tiny_csv, "--epochs", "1", *TINY, "--resume", "--out",
                     tmp_path / "fresh"], "cannot resume", "holds no checkpoint")
-    assert not (tmp_path / "fresh" / "metrics.jsonl").exists()
+    assert not (tmp_path / "fresh").exists()  # a run that wrote nothing leaves no folder
 
 
 def test_second_process_on_a_live_out_is_refused_and_a_killed_run_leaves_no_lock(
@@ -292,3 +292,7 @@ def test_data_errors_name_the_file(capsys, tmp_path):
     _fails(capsys, ["--data", ratings, "--format", "seqtxt", "--data-stats"], "u1.base:1: found "
            "tab-separated user, item, rating, timestamp")
     helpers.fails_cleanly(capsys, ["--data", str(tmp_path / "none.txt")], "none.txt: not found")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 1 2 3\n2 x\n")
+    _fails(capsys, ["--data", bad, "--out", tmp_path / "o", *TINY], "bad.txt:2: id 'x'")
+    assert not (tmp_path / "o").exists()
