@@ -48,7 +48,7 @@ def command(args: argparse.Namespace, model: str, optimizer: str, seed: int, out
 
 
 def _format(args: argparse.Namespace) -> str:
-    return args.format or ("synthetic" if args.data is None else "seqtxt")
+    return args.format or ("synthetic" if args.data is None else data.detect_format(args.data))
 
 
 def run_one(args, ds, model: str, optimizer: str, seed: int, out: Path) -> dict:
@@ -60,7 +60,8 @@ def run_one(args, ds, model: str, optimizer: str, seed: int, out: Path) -> dict:
                                   format=fmt, epochs=args.epochs, out=str(out), progress=args.progress,
                                   **({} if args.patience is None else {"patience": args.patience}))
     start = time.perf_counter()
-    results = training.fit(config, dataset=ds, resume=True)
+    resume = training.has_checkpoint(out)  # else start again, over any partial log
+    results = training.fit(config, dataset=ds, resume=resume, overwrite=not resume)
     results["wall_seconds"] = round(time.perf_counter() - start, 1)  # this process only
     results["train_seconds"] = train_seconds(out)
     done.write_text(json.dumps(results, indent=2))

@@ -3,6 +3,8 @@
 Every loader parses its raw format into flat ``(user, item, time)`` arrays and hands them to
 one shared builder, which
 
+0. drops exact duplicate ``(user, item, time)`` rows (``keep_duplicates=False``, the default;
+   a duplicated interaction would make a validation or test target the item just seen),
 1. optionally applies an iterative k-core filter (users and items with fewer than ``kcore``
    interactions are dropped until none is left),
 2. drops users with fewer than ``min_len`` interactions (leave-one-out needs >= 3),
@@ -10,6 +12,10 @@ one shared builder, which
    id; files whose item ids are already ``1..N`` keep them), and
 4. orders each user's interactions by time (ties keep file order) and splits them: the last
    item is the test target, the second last the validation target, the rest is training data.
+
+How many duplicate rows and users were dropped is kept on the data set (``stats()``).
+``detect_format`` tells the formats apart by content, never by file name alone, and every
+loader refuses content that belongs to another format.
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ __all__ = [
     "load_csv",
     "synthetic",
     "load_dataset",
+    "detect_format",
     "FORMATS",
 ]
 
 FORMATS = ("seqtxt", "movielens", "csv", "synthetic")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 PathLike = str | os.PathLike
 
@@ -62,6 +69,8 @@ class SequenceDataset:
     ``train_items[train_offsets[u]:train_offsets[u + 1]]`` (at least one); ``valid[u]`` and
     ``test[u]`` are the user's second-last and last items. ``item_categories`` is an optional
     ``(num_items + 1, num_categories)`` float32 0/1 CSR incidence matrix with an empty row 0.
+    ``duplicates_dropped`` counts the exact duplicate rows the loader dropped and
+    ``users_dropped`` the users it dropped for having too few interactions (``min_len``, k-core).
     """
 
     name: str
@@ -73,6 +82,8 @@ class SequenceDataset:
     test: np.ndarray
     item_categories: sp.csr_matrix | None = None
     category_names: tuple[str, ...] | None = None
+    duplicates_dropped: int = 0
+    users_dropped: int = 0
 
     def __post_init__(self):
         coerce = {
@@ -85,6 +96,8 @@ class SequenceDataset:
             object.__setattr__(self, field, np.ascontiguousarray(getattr(self, field), dtype))
         object.__setattr__(self, "num_users", int(self.num_users))
         object.__setattr__(self, "num_items", int(self.num_items))
+        object.__setattr__(self, "duplicates_dropped", int(self.duplicates_dropped))
+        object.__setattr__(self, "users_dropped", int(self.users_dropped))
         if self.category_names is not None:
             object.__setattr__(self, "category_names", tuple(map(str, self.category_names)))
         off = self.train_offsets
@@ -135,7 +148,8 @@ class SequenceDataset:
         return mask
 
     def stats(self) -> dict:
-        """Users, items, interactions (train + valid + test), density and mean length."""
+        """Users, items, interactions (train + valid + test), density, mean length, and the
+        duplicate rows and users the loader dropped."""
         interactions = int(self.train_items.size + 2 * self.num_users)
         return {
             "users": self.num_users,
@@ -143,7 +157,20 @@ class SequenceDataset:
             "interactions": interactions,
             "density": interactions / max(self.num_users * self.num_items, 1),
             "avg_length": interactions / max(self.num_users, 1),
+            "duplicates_dropped": self.duplicates_dropped,
+            "users_dropped": self.users_dropped,
         }
+
+    def fingerprint(self) -> str:
+        """Hash of the split's content (ids, sequences, targets, categories), not its name."""
+        digest = hashlib.sha256(np.array([self.num_users, self.num_items], np.int64).tobytes())
+        for array in (self.train_items, self.train_offsets, self.valid, self.test):
+            digest.update(array.tobytes())
+        if self.item_categories is not None:
+            cats = self.item_categories.tocsr()
+            for array in (np.array(cats.shape, np.int64), cats.indptr, cats.indices, cats.data):
+                digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:16]
 
     # -- persistence -----------------------------------------------------------------
 
@@ -157,6 +184,8 @@ class SequenceDataset:
             "train_offsets": self.train_offsets,
             "valid": self.valid,
             "test": self.test,
+            "duplicates_dropped": np.array(self.duplicates_dropped),
+            "users_dropped": np.array(self.users_dropped),
         }
         if self.item_categories is not None:
             cats = self.item_categories.tocsr()
@@ -198,6 +227,8 @@ class SequenceDataset:
                 test=z["test"],
                 item_categories=cats,
                 category_names=names,
+                duplicates_dropped=int(z["duplicates_dropped"]) if "duplicates_dropped" in z else 0,
+                users_dropped=int(z["users_dropped"]) if "users_dropped" in z else 0,
             )
 
     # -- dunder ----------------------------------------------------------------------
@@ -224,7 +255,8 @@ class SequenceDataset:
         cats = 0 if self.item_categories is None else self.item_categories.shape[1]
         return (
             f"SequenceDataset(name={self.name!r}, users={s['users']}, items={s['items']}, "
-            f"interactions={s['interactions']}, categories={cats})"
+            f"interactions={s['interactions']}, categories={cats}, "
+            f"duplicates_dropped={self.duplicates_dropped}, users_dropped={self.users_dropped})"
         )
 
 
@@ -246,6 +278,23 @@ def _kcore_mask(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
         if new.sum() == keep.sum():
             return new
         keep = new
+
+
+def _first_occurrences(users: np.ndarray, items: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Mask of the rows whose ``(user, item, time)`` did not occur on an earlier row."""
+    order = np.lexsort((times, items, users))  # stable: equal rows keep file order
+    u, i, t = users[order], items[order], times[order]
+    repeat = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])
+    keep = np.ones(users.size, bool)
+    keep[order[1:][repeat]] = False
+    return keep
+
+
+def _kept_by_kcore(users: np.ndarray, items: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """``_kcore_mask`` applied to the selected ``rows`` only, as a mask over all rows."""
+    keep = np.zeros(users.size, bool)
+    keep[np.flatnonzero(rows)[_kcore_mask(users[rows], items[rows], k)]] = True
+    return keep
 
 
 def _remap_categories(
@@ -276,21 +325,26 @@ def _build(
     source: str,
     kcore: int,
     min_len: int,
+    keep_duplicates: bool = False,
     categories: tuple[np.ndarray, sp.csr_matrix] | None = None,
     category_names: Sequence[str] | None = None,
 ) -> SequenceDataset:
-    """Filter, remap and split raw ``(user, item, time)`` interactions."""
+    """Deduplicate, filter, remap and split raw ``(user, item, time)`` interactions."""
     if kcore < 0:
         raise ValueError(f"kcore must be >= 0, got {kcore}")
     if min_len < 3:
         raise ValueError(f"min_len must be >= 3 (train, valid and test items), got {min_len}")
     user_raw, user_code = np.unique(users, return_inverse=True)
     item_raw, item_code = np.unique(items, return_inverse=True)
-    keep = _kcore_mask(user_code, item_code, kcore)
+    keep = np.ones(user_code.size, bool) if keep_duplicates else _first_occurrences(
+        user_code, item_code, times)
+    duplicates = int(user_code.size - keep.sum())
+    keep = _kept_by_kcore(user_code, item_code, keep, kcore)
     keep &= np.bincount(user_code[keep], minlength=user_raw.size)[user_code] >= min_len
     if not keep.any():
         raise DataError(
-            f"{source}: no user left after filtering (kcore={kcore}, min_len={min_len})"
+            f"{source}: no user left after filtering: every user has fewer than {min_len} "
+            f"interactions (kcore={kcore}, min_len={min_len}, {duplicates} duplicates dropped)"
         )
 
     # Codes come from sorted raw ids, so ranking the surviving codes keeps sorted raw-id order.
@@ -318,6 +372,8 @@ def _build(
         test=item_ids[ends - 1],
         item_categories=item_categories,
         category_names=None if category_names is None else tuple(category_names),
+        duplicates_dropped=duplicates,
+        users_dropped=user_raw.size - num_users,
     )
 
 
@@ -336,7 +392,8 @@ def _check_file(path: PathLike) -> Path:
 
 
 def _read_text(path: Path, encoding: str) -> str:
-    raw = path.read_bytes()
+    """The file's text; a leading UTF-8 byte-order mark is dropped whatever the encoding."""
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
@@ -382,8 +439,19 @@ def _convert(
     except (ValueError, OverflowError):
         pass
     k = next(k for k, token in enumerate(tokens) if not _parses(token, dtype))
+    if dtype is np.int64 and _is_integer_literal(tokens[k]):
+        raise DataError(f"{path}:{line_of(k)}: {what} {tokens[k].strip()!r} is out of range: "
+                        "ids must lie in [-2**63, 2**63) (64-bit integers)")
     kind = "an integer" if dtype is np.int64 else "a finite number"
     raise DataError(f"{path}:{line_of(k)}: {what} {tokens[k]!r} is not {kind}")
+
+
+def _is_integer_literal(token: str) -> bool:
+    try:
+        int(token)
+    except ValueError:
+        return False
+    return True
 
 
 def _split_fields(
@@ -415,21 +483,35 @@ def _ints_or_strings(tokens: list[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-def load_seqtxt(path: PathLike, *, kcore: int = 0, min_len: int = 3) -> SequenceDataset:
+def load_seqtxt(
+    path: PathLike, *, kcore: int = 0, min_len: int = 3, keep_duplicates: bool = False
+) -> SequenceDataset:
     """Load a ``user item item ...`` file (one user a line, integer ids, items in time order).
 
     This is the common sequential-recommendation format (e.g. ``Beauty.txt``). A user listed
-    on several lines gets the lines' items in file order.
+    on several lines gets the lines' items in file order. The file has no timestamps, so a
+    repeated item is a repeat consumption, never a duplicate row. A file whose lines are, at
+    least half of them, ``user<TAB>item<TAB>rating<TAB>timestamp`` (MovieLens ratings) is
+    refused.
     """
     path = _check_file(path)
     lines, linenos = _data_lines(path, "utf-8")
+    ratings = _ratings_lines(lines)
+    if 2 * ratings.size >= len(lines):
+        k = ratings[0]
+        raise DataError(
+            f"{path}:{linenos[k]}: found tab-separated user, item, rating, timestamp "
+            f"({_snippet(lines[k])}) on {ratings.size} of {len(lines)} lines, expected a user "
+            "id followed by item ids; for a ratings file use --format movielens"
+        )
     fields = [line.split() for line in lines]
     lengths = np.fromiter(map(len, fields), np.int64, len(fields))
     short = np.flatnonzero(lengths < 2)
     if short.size:
         k = short[0]
         raise DataError(
-            f"{path}:{linenos[k]}: expected a user id followed by item ids: {_snippet(lines[k])}"
+            f"{path}:{linenos[k]}: expected a user id followed by item ids, found "
+            f"{_snippet(lines[k])}{_format_hint(lines[k])}"
         )
     starts = np.cumsum(lengths) - lengths
     flat = list(itertools.chain.from_iterable(fields))
@@ -441,8 +523,22 @@ def load_seqtxt(path: PathLike, *, kcore: int = 0, min_len: int = 3) -> Sequence
     items = ids[is_item]
     return _build(
         path.stem, users, items, np.arange(items.size), source=str(path), kcore=kcore,
-        min_len=min_len,
+        min_len=min_len, keep_duplicates=keep_duplicates,
     )
+
+
+def _ratings_lines(lines: list[str]) -> np.ndarray:
+    """Indices of the lines with four tab-separated fields, as in MovieLens ``u.data``."""
+    return np.flatnonzero([line.strip().count("\t") == 3 for line in lines])
+
+
+def _format_hint(line: str) -> str:
+    """Advice for a sequence-file line that belongs to another format."""
+    if "::" in line:
+        return " (a MovieLens ratings.dat line; use --format movielens)"
+    if "," in line:
+        return " (a CSV line; use --format csv)"
+    return ""
 
 
 def _movielens_files(path: Path) -> tuple[Path, str, Path | None, Path | None]:
@@ -456,7 +552,7 @@ def _movielens_files(path: Path) -> tuple[Path, str, Path | None, Path | None]:
             raise DataError(f"{path}: no u.data or ratings.dat in this directory")
     path = _check_file(path)
     with open(path, encoding="latin-1") as f:
-        first = f.readline()
+        first = next((line for line in f if line.strip()), "")
     sep = "::" if "::" in first else "\t"
     folder = path.parent
     if sep == "\t":
@@ -534,7 +630,9 @@ def _parse_movies_dat(items: Path):
     return (*_incidence(ids, rows, cols, len(names)), names)
 
 
-def load_movielens(path: PathLike, *, kcore: int = 0, min_len: int = 3) -> SequenceDataset:
+def load_movielens(
+    path: PathLike, *, kcore: int = 0, min_len: int = 3, keep_duplicates: bool = False
+) -> SequenceDataset:
     """Load MovieLens: a directory (``u.data`` or ``ratings.dat``) or the ratings file itself.
 
     Every rating counts as an interaction. Each user's ratings are ordered by timestamp, ties
@@ -557,21 +655,26 @@ def load_movielens(path: PathLike, *, kcore: int = 0, min_len: int = 3) -> Seque
         categories = (keys, table)
     return _build(
         ratings.resolve().parent.name, users, items, times, source=str(ratings), kcore=kcore,
-        min_len=min_len, categories=categories, category_names=names,
+        min_len=min_len, keep_duplicates=keep_duplicates, categories=categories,
+        category_names=names,
     )
 
 
-def _is_number(token: str) -> bool:
+def _is_float_literal(token: str) -> bool:
     try:
-        return bool(np.isfinite(float(token)))
+        float(token)
     except ValueError:
         return False
+    return True
 
 
-def load_csv(path: PathLike, *, kcore: int = 0, min_len: int = 3) -> SequenceDataset:
+def load_csv(
+    path: PathLike, *, kcore: int = 0, min_len: int = 3, keep_duplicates: bool = False
+) -> SequenceDataset:
     """Load a ``user,item,timestamp`` CSV (standard quoting; optional header line).
 
-    The first line is a header when its timestamp field is not a number. Ids are integers
+    The first line is a header when none of its three fields is a number (so ``1,2,x`` or
+    ``1,2,nan`` is a data row, and an error). Ids are integers
     (ordered numerically) when every id of the column is an integer, otherwise arbitrary
     strings (ordered lexicographically). Timestamps are numbers; ties keep file order.
     """
@@ -583,7 +686,7 @@ def load_csv(path: PathLike, *, kcore: int = 0, min_len: int = 3) -> SequenceDat
         if row and any(field.strip() for field in row):
             rows.append(row)
             linenos.append(reader.line_num)
-    if rows and len(rows[0]) == 3 and not _is_number(rows[0][2]):
+    if rows and len(rows[0]) == 3 and not any(map(_is_float_literal, rows[0])):
         rows, linenos = rows[1:], linenos[1:]
     if not rows:
         raise DataError(f"{path}: file is empty (no data lines)")
@@ -599,7 +702,7 @@ def load_csv(path: PathLike, *, kcore: int = 0, min_len: int = 3) -> SequenceDat
     times = _convert(ts, np.float64, "timestamp", path, lambda k: linenos[k])
     return _build(
         path.stem, _ints_or_strings(user), _ints_or_strings(item), times, source=str(path),
-        kcore=kcore, min_len=min_len,
+        kcore=kcore, min_len=min_len, keep_duplicates=keep_duplicates,
     )
 
 
@@ -698,11 +801,32 @@ def synthetic(
 # --------------------------------------------------------------------------------------
 
 
-def _fingerprint(fmt: str, path: Path, kcore: int, min_len: int) -> str:
+def detect_format(path: PathLike) -> str:
+    """The format of ``path`` from its content: ``"movielens"`` for a directory or a first
+    line that is a ``ratings.dat`` line (``::``) or tab-separated ``user item rating timestamp``
+    (as in ``u.data``, ``u1.base``), ``"csv"`` for a comma-separated one, else ``"seqtxt"``.
+
+    Only the first line is read; the loader then checks the whole file against the format.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "movielens"
+    path = _check_file(path)
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf").decode("latin-1")
+    lines = [line for line in head.replace("\r\n", "\n").split("\n") if line.strip()][:1]
+    if not lines:
+        return "seqtxt"  # the loader reports the empty file
+    if "::" in lines[0] or _ratings_lines(lines[:1]).size:
+        return "movielens"
+    return "csv" if "," in lines[0] else "seqtxt"
+
+
+def _fingerprint(fmt: str, path: Path, kcore: int, min_len: int, keep_duplicates: bool) -> str:
     """Hash of the format, absolute path, size and mtime of the input(s) and the filters."""
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    key = [_CACHE_VERSION, fmt, str(path.resolve()), stamp, kcore, min_len]
+    key = [_CACHE_VERSION, fmt, str(path.resolve()), stamp, kcore, min_len, keep_duplicates]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -719,14 +843,16 @@ def load_dataset(
     cache_dir: PathLike | None = None,
     kcore: int = 0,
     min_len: int = 3,
+    keep_duplicates: bool = False,
     **kwargs,
 ) -> SequenceDataset:
     """Load a data set of format ``fmt`` (one of :data:`FORMATS`) from ``path``.
 
     With ``cache_dir`` the processed data set is stored as ``<cache_dir>/<name>-<hash>.npz``
-    (the hash covers format, absolute path, size and mtime of the input, ``kcore`` and
-    ``min_len``) and later calls read it instead of re-parsing. ``"synthetic"`` ignores
-    ``path`` and ``cache_dir`` and forwards ``kwargs`` to :func:`synthetic`.
+    (the hash covers format, absolute path, size and mtime of the input, ``kcore``,
+    ``min_len`` and ``keep_duplicates``) and later calls read it instead of re-parsing.
+    ``"synthetic"`` ignores ``path`` and ``cache_dir`` and forwards ``kwargs`` to
+    :func:`synthetic`.
     """
     loaders = {"seqtxt": load_seqtxt, "movielens": load_movielens, "csv": load_csv}
     if fmt == "synthetic":
@@ -740,12 +866,13 @@ def load_dataset(
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: not found")
-    load = lambda: loaders[fmt](path, kcore=kcore, min_len=min_len)  # noqa: E731
+    load = lambda: loaders[fmt](  # noqa: E731
+        path, kcore=kcore, min_len=min_len, keep_duplicates=keep_duplicates)
     if cache_dir is None:
         return load()
 
     cache_dir = Path(cache_dir)
-    cache = cache_dir / f"{_cache_name(fmt, path)}-{_fingerprint(fmt, path, kcore, min_len)}.npz"
+    cache = cache_dir / f"{_cache_name(fmt, path)}-{_fingerprint(fmt, path, kcore, min_len, keep_duplicates)}.npz"
     if cache.is_file():
         try:
             return SequenceDataset.load(cache)

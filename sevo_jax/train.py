@@ -1,15 +1,17 @@
 """Command line: ``sevo-train`` / ``python -m sevo_jax.train``.
 
 With no arguments it trains SASRec with SEvo-AdamW on the built-in synthetic data set.
-Every flag maps onto one field of :class:`sevo_jax.training.TrainConfig`.
+Every flag maps onto one field of :class:`sevo_jax.training.TrainConfig`, except ``--resume``,
+``--overwrite`` and ``--data-stats`` (load the data, print its statistics, train nothing).
+Every flag is checked before any data is read; the data format is detected from the content.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
-from pathlib import Path
 
 from sevo_jax import data as data_lib
 from sevo_jax import training
@@ -18,20 +20,21 @@ PROG = "sevo-train"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line instead of the whole usage block."""
+    """argparse that reports a bad flag in one line instead of the whole usage block, and
+    knows the flag of each config field (``flags``)."""
+
+    def __init__(self, **kwargs):
+        self.flags: dict[str, str] = {}  # before argparse adds --help
+        super().__init__(**kwargs)
+
+    def add_argument(self, *names, **kwargs):  # type: ignore[override]
+        action = super().add_argument(*names, **kwargs)
+        self.flags.setdefault(action.dest, names[0])
+        return action
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{PROG}: error: {message} (see {PROG} --help)\n")
         raise SystemExit(2)
-
-
-def _infer_format(path: str) -> str:
-    p = Path(path)
-    if p.is_dir() or p.name in ("u.data", "ratings.dat"):
-        return "movielens"
-    if p.suffix.lower() == ".csv":
-        return "csv"
-    return "seqtxt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", choices=training.MODELS, default=d.model)
     a("--data", default=None, help="data file or directory (omit for the synthetic set)")
     a("--format", choices=data_lib.FORMATS, default=None,
-      help="data format (default: inferred from --data; synthetic without --data)")
+      help="data format (default: detected from the content of --data; synthetic without "
+           "--data)")
     a("--optimizer", choices=training.OPTIMIZERS, default=d.optimizer)
     a("--graph", choices=training.GRAPHS, default=d.graph,
       help="prior graph for SEvo (auto: co-occurrence, user-item for mfbpr)")
@@ -51,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=None, help="default: 0.1 for adamw, else 0")
     a("--b1", type=float, default=d.b1)
     a("--b2", type=float, default=d.b2)
+    a("--eps", type=float, default=d.eps, help="Adam's epsilon")
     a("--momentum", type=float, default=None, help="sgd momentum (default: none)")
     a("--beta", type=float, default=d.beta, help="SEvo smoothing strength in [0, 1)")
     a("--num-layers", type=int, default=d.num_layers, help="SEvo layers L")
@@ -59,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--maxlen", type=int, default=None, help="default: 50 (200 on MovieLens)")
     a("--dropout", type=float, default=None)
     a("--features", type=int, default=d.features)
+    a("--num-blocks", type=int, default=d.num_blocks, help="SASRec transformer blocks")
+    a("--num-heads", type=int, default=d.num_heads, help="SASRec attention heads")
     a("--seed", type=int, default=d.seed)
     a("--eval-every", type=int, default=d.eval_every)
     a("--patience", type=int, default=d.patience,
@@ -66,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
            "(default: off, train all epochs as the paper does)")
     a("--eval-batch-size", type=int, default=d.eval_batch_size)
     a("--kcore", type=int, default=d.kcore)
+    a("--keep-duplicates", action="store_true",
+      help="keep exact duplicate (user, item, timestamp) rows (default: drop them and report "
+           "how many; duplicates make a validation/test target the item just seen)")
     a("--cache-dir", default=None, help="cache preprocessed splits here (.npz)")
     a("--out", default=d.out, help="output directory")
     a("--mesh", default=None, metavar="NAME=SIZE",
@@ -79,17 +89,36 @@ def build_parser() -> argparse.ArgumentParser:
            "$JAX_COORDINATOR_ADDRESS)")
     a("--num-processes", type=int, default=None, help="with --distributed (default: auto-detected)")
     a("--process-id", type=int, default=None, help="with --distributed (default: auto-detected)")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint.msgpack")
+    a("--resume", action="store_true",
+      help="continue the run in OUT from its checkpoint (an error if it has none)")
+    a("--overwrite", action="store_true",
+      help="delete the run already in OUT and start again (default: refuse a used OUT)")
     a("--no-progress", action="store_true", help="hide the progress bar")
+    p.flags["progress"] = "--no-progress"
+    a("--data-stats", action="store_true",
+      help="load the data, print its statistics as JSON and exit without training")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> training.TrainConfig:
-    fmt = args.format or ("synthetic" if args.data is None else _infer_format(args.data))
+    """The run's config; every field is checked before the data's format is detected from
+    its content (the only thing here that reads the data)."""
     fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
-    values.update(format=fmt, progress=not args.no_progress)
-    return training.TrainConfig(**values)
+    placeholder = "synthetic" if args.data is None else "seqtxt"
+    values.update(format=args.format or placeholder, progress=not args.no_progress)
+    config = training.TrainConfig(**values)
+    config.validate()
+    if args.format is None and args.data is not None:
+        config = dataclasses.replace(config, format=data_lib.detect_format(args.data))
+    return config
+
+
+def data_stats(config: training.TrainConfig) -> dict:
+    """The statistics of ``config``'s data set as the run would load it."""
+    ds = data_lib.load_dataset(config.format, config.data, cache_dir=config.cache_dir,
+                               kcore=config.kcore, keep_duplicates=config.keep_duplicates)
+    return {"data": config.data, "format": config.format, **ds.stats()}
 
 
 def format_table(results: dict) -> str:
@@ -118,9 +147,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         config = config_from_args(args)
-        results = training.fit(config, resume=args.resume)
+        if args.data_stats:
+            print(json.dumps(data_stats(config)))
+            return 0
+        results = training.fit(config, resume=args.resume, overwrite=args.overwrite)
+    except training.ConfigError as e:  # name the flag, not the config field
+        sys.stderr.write(f"{PROG}: error: {parser.flags.get(e.field, e.field)} {e.problem}\n")
+        return 2
     except (ValueError, TypeError, OSError, FloatingPointError) as e:  # DataError is a ValueError
-        sys.stderr.write(f"{PROG}: error: {e}\n")
+        sys.stderr.write(f"{PROG}: error: {' '.join(str(e).split())}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted; resume with --resume --out {args.out}\n")

@@ -15,6 +15,7 @@ rows stay exactly zero, so a sharded run computes what the unsharded one does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,6 +39,11 @@ from sevo_jax import metrics as metrics_lib
 from sevo_jax import models
 from sevo_jax import sharding as sharding_lib
 from sevo_jax.optimizers import sevo_adam, sevo_adamw, sevo_sgd
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: output folders are not locked
+    fcntl = None
 
 MODELS = ("sasrec", "gru4rec", "mfbpr")
 OPTIMIZERS = ("adamw", "sevo-adamw", "adam", "sevo-adam", "sgd", "sevo-sgd")
@@ -76,44 +82,34 @@ class TrainConfig:
     patience: int | None = None  # off: SEvo's slower plateaus outlast short patience (RESULTS.md)
     eval_batch_size: int = 1024
     kcore: int = 0
+    keep_duplicates: bool = False  # keep exact duplicate (user, item, time) rows of the data
     cache_dir: str | None = None
     out: str = "runs/latest"
     progress: bool = True
     mesh: str | None = None  # "NAME=SIZE": shard tables by rows and batches over SIZE devices
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        choices = {"model": MODELS, "optimizer": OPTIMIZERS, "graph": GRAPHS,
-                   "approx": APPROXIMATIONS, "format": data_lib.FORMATS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "maxlen", "eval_every", "eval_batch_size", "H",
-                     "features", "num_blocks", "num_heads", "patience"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("lr", "weight_decay", "dropout", "momentum"):
-            value = getattr(self, name)
-            if value is not None and not (np.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-        if self.dropout is not None and self.dropout >= 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if not 0 <= self.beta < 1:
-            raise ValueError(f"beta must lie in [0, 1), got {self.beta!r}")
-        if self.num_layers < 0:
-            raise ValueError(f"num_layers must be >= 0, got {self.num_layers!r}")
+        """Check every field's type and range; raise :class:`ConfigError` naming the first bad one.
+
+        Cheap and reads no data, so a bad value fails before any work is done.
+        """
+        for field in dataclasses.fields(self):
+            if field.name not in _FIELD_RULES:  # a new field must say what values it takes
+                raise TypeError(f"TrainConfig.{field.name} has no rule in training._FIELD_RULES")
+            problem = _FIELD_RULES[field.name](getattr(self, field.name))
+            if problem:
+                raise ConfigError(field.name, f"{problem}, got {getattr(self, field.name)!r}")
         if self.format == "synthetic" and self.data is not None:
-            raise ValueError("format 'synthetic' takes no data path; pass --format for --data")
+            raise ConfigError("format", "'synthetic' takes no data path; pass --format for --data")
         if self.format != "synthetic" and self.data is None:
-            raise ValueError(f"format {self.format!r} needs a data path (--data)")
+            raise ConfigError("data", f"is needed by format {self.format!r}")
         if self.model == "mfbpr" and self.graph == "cooccurrence":
-            raise ValueError("graph 'cooccurrence' has item nodes only; mfbpr needs 'user-item'")
+            raise ConfigError("graph", "'cooccurrence' has item nodes only; mfbpr needs 'user-item'")
         if self.mesh is not None:
             _, size = sharding_lib.parse_mesh_spec(self.mesh)
             if self.batch_size is not None and self.batch_size % size:
-                raise ValueError(f"batch_size {self.batch_size} must be a multiple of the mesh "
-                                 f"size {size} (mesh {self.mesh!r}): the batch is split over it")
+                raise ConfigError("batch_size", f"{self.batch_size} must be a multiple of the mesh "
+                                  f"size {size} (mesh {self.mesh!r}): the batch is split over it")
 
     def resolved(self) -> "TrainConfig":
         """Fill the ``None`` defaults from spec §4 (Amazon-style unless MovieLens)."""
@@ -130,6 +126,83 @@ class TrainConfig:
             defaults["epochs"] = 40
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return dataclasses.replace(self, **filled)
+
+
+class ConfigError(ValueError):
+    """A bad :class:`TrainConfig` field; ``field`` names it (the CLI shows its flag instead)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)) and bool(np.isfinite(value))
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in allowed else f"must be one of {', '.join(allowed)}"
+
+
+def _integer(low: int, optional: bool = False) -> Callable[[Any], str | None]:
+    def check(v):
+        if v is None and optional:
+            return None
+        if not _is_int(v) or not low <= v < 2**63:
+            return "must be a positive integer" if low == 1 else f"must be an integer >= {low}"
+        return None
+    return check
+
+
+def _number(low: float, high: float | None = None, *, low_open: bool = False,
+            optional: bool = False) -> Callable[[Any], str | None]:
+    """A finite number in [low, high) ((low, high) with ``low_open``)."""
+    def check(v):
+        if v is None and optional:
+            return None
+        above = _is_real(v) and (v > low if low_open else v >= low)
+        if not above or (high is not None and not v < high):
+            lo = f"({low}" if low_open else f"[{low}"
+            return (f"must be a finite number > {low}" if low_open and high is None else
+                    f"must be a finite number >= {low}" if high is None else
+                    f"must lie in {lo}, {high})")
+        return None
+    return check
+
+
+def _text(optional: bool) -> Callable[[Any], str | None]:
+    def check(v):
+        if v is None and optional:
+            return None
+        return None if isinstance(v, str) and v.strip() else "must be a non-empty string"
+    return check
+
+
+def _flag(v: Any) -> str | None:
+    return None if isinstance(v, (bool, np.bool_)) else "must be True or False"
+
+
+# One rule per TrainConfig field: None if the value is fine, else what it must be.
+_FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
+    "model": _choice(MODELS), "data": _text(optional=True), "format": _choice(data_lib.FORMATS),
+    "optimizer": _choice(OPTIMIZERS), "graph": _choice(GRAPHS),
+    "epochs": _integer(1, optional=True), "batch_size": _integer(1, optional=True),
+    "lr": _number(0, low_open=True, optional=True), "weight_decay": _number(0, optional=True),
+    "b1": _number(0, 1), "b2": _number(0, 1), "eps": _number(0, low_open=True),
+    "momentum": _number(0, 1, optional=True), "beta": _number(0, 1), "num_layers": _integer(0),
+    "approx": _choice(APPROXIMATIONS), "H": _integer(1), "maxlen": _integer(1, optional=True),
+    "features": _integer(1), "num_blocks": _integer(1), "num_heads": _integer(1),
+    "dropout": _number(0, 1, optional=True), "seed": _integer(0), "eval_every": _integer(1),
+    "patience": _integer(1, optional=True), "eval_batch_size": _integer(1), "kcore": _integer(0),
+    "keep_duplicates": _flag, "cache_dir": _text(optional=True), "out": _text(optional=False),
+    "progress": _flag, "mesh": _text(optional=True),
+}
 
 
 def mesh_plan(config: TrainConfig) -> sharding_lib.MeshPlan | None:
@@ -471,15 +544,66 @@ def save_checkpoint(path: Path, params, opt_state, best_params, progress: Progre
     _write_atomic(path.with_suffix(".json"), json.dumps(meta).encode())
 
 
+def has_checkpoint(out: str | os.PathLike) -> bool:
+    """Whether the run folder ``out`` holds a checkpoint that ``fit(..., resume=True)`` reads."""
+    return (Path(out) / "checkpoint.msgpack").exists()
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed by this run's config (see :func:`resume_conflicts`)."""
+
+
+# Fields a resumed run may change: where it writes, how it shows progress and batches the
+# evaluation, where it caches, and when it stops (``epochs``: never below the epochs done).
+# ``data`` is compared by the data's content fingerprint, not by how the path is spelled.
+RESUME_HARMLESS = frozenset({"out", "progress", "eval_batch_size", "cache_dir", "patience",
+                             "epochs", "data"})
+DATA_FINGERPRINT = "data_fingerprint"  # the key a checkpoint's config stores it under
+
+
+def resume_conflicts(saved_config: dict, new_config: dict, epochs_done: int | None = None) -> list[str]:
+    """Why a run with ``new_config`` cannot resume a checkpoint saved with ``saved_config``.
+
+    Both are ``dataclasses.asdict(TrainConfig)`` dicts, optionally with ``DATA_FINGERPRINT``
+    (``SequenceDataset.fingerprint()``). Returns one short phrase per conflict (empty: it may
+    resume). A field missing from an older checkpoint counts as its ``TrainConfig`` default.
+    Fields in ``RESUME_HARMLESS`` may differ, except ``epochs`` below ``epochs_done`` (the
+    recorded config would then disagree with the epochs run) and a changed data content.
+    """
+    defaults = dataclasses.asdict(TrainConfig())
+    saved = defaults | saved_config
+    conflicts = [f"{k} is {saved.get(k)!r} in the checkpoint, {new_config.get(k)!r} now"
+                 for k in sorted(saved.keys() | new_config.keys())
+                 if k not in RESUME_HARMLESS and k != DATA_FINGERPRINT
+                 and saved.get(k) != new_config.get(k)]
+    old_print, new_print = saved.get(DATA_FINGERPRINT), new_config.get(DATA_FINGERPRINT)
+    if old_print is not None and new_print is not None:
+        if old_print != new_print:
+            conflicts.append(f"the data {new_config.get('data') or '(synthetic)'} changed since "
+                             f"the checkpoint (content fingerprint {old_print} then, {new_print} now)")
+    elif not _same_path(saved.get("data"), new_config.get("data")):
+        conflicts.append(f"data is {saved.get('data')!r} in the checkpoint, "
+                         f"{new_config.get('data')!r} now")
+    epochs = new_config.get("epochs")
+    if epochs_done is not None and epochs is not None and epochs < epochs_done:
+        conflicts.append(f"epochs {epochs} is fewer than the {epochs_done} the checkpoint has "
+                         f"trained (pass epochs >= {epochs_done})")
+    return conflicts
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a == b
+    return a == b or Path(a).resolve() == Path(b).resolve()
+
+
 def load_checkpoint(path: Path, params, opt_state, config: dict):
-    """Restore into the given templates; the run's config must match the checkpoint's."""
+    """Restore into the given templates; ``resume_conflicts`` between the checkpoint's config
+    and ``config`` raise :class:`ResumeError`."""
     meta = json.loads(path.with_suffix(".json").read_text())
-    ignore = {"epochs", "out", "progress", "patience"}
-    old = {k: v for k, v in meta["config"].items() if k not in ignore}
-    new = {k: v for k, v in config.items() if k not in ignore}
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if diff:  # a field missing from an older checkpoint counts as None (its default)
-        raise ValueError(f"cannot resume {path}: its config differs in {', '.join(diff)}")
+    conflicts = resume_conflicts(meta["config"], config, meta["progress"]["epoch"])
+    if conflicts:
+        raise ResumeError(f"cannot resume {path}: {'; '.join(conflicts)}")
     template = {"params": params, "opt_state": opt_state, "best_params": params}
     state = flax.serialization.from_bytes(template, path.read_bytes())
     return state["params"], state["opt_state"], state["best_params"], Progress(**meta["progress"])
@@ -488,33 +612,127 @@ def load_checkpoint(path: Path, params, opt_state, config: dict):
 # ---- the loop -------------------------------------------------------------------------------------
 
 
-def _complete_lines(path: Path) -> list[str]:
-    """The JSON lines of a metrics log up to the first one cut short (a run killed mid-write)."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    for k, line in enumerate(lines):
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            return lines[:k]
-    return lines
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a metrics-log line, or None if it is not a complete record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    return epoch if _is_int(epoch) and epoch >= 1 else None
 
 
-def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.SequenceDataset | None = None,
-        log: Callable[[str], None] = print) -> dict:
+def _complete_lines(path: Path) -> tuple[list[str], str | None]:
+    """The records of a metrics log and the cut-short last line dropped (None if none).
+
+    Only a last line without its line break (a run killed mid-write) may be dropped; any
+    other line that is not a record is an error naming it, so nothing written is lost.
+    """
+    text = path.read_text() if path.exists() else ""
+    lines = text.splitlines()
+    cut = None
+    if lines and not text.endswith("\n") and _epoch_of(lines[-1]) is None:
+        cut = lines.pop()
+    for k, line in enumerate(lines, 1):
+        if _epoch_of(line) is None:
+            snippet = repr(line if len(line) <= 60 else line[:57] + "...")
+            raise ValueError(f"{path}:{k}: found {snippet}, expected a JSON record with an "
+                             "'epoch'; repair or delete that line, then resume")
+    return lines, cut
+
+
+# What a run writes to its folder; a folder holding any of them is in use (see ``fit``).
+RUN_FILES = ("metrics.jsonl", "results.json", "checkpoint.msgpack", "checkpoint.json")
+LOCK_FILE = ".sevo-train.lock"
+
+
+@contextlib.contextmanager
+def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable[[str], None]):
+    """Hold ``out`` for one run: lock it, and refuse a folder that another live run holds,
+    that already holds a run (without ``resume`` or ``overwrite``) or, with ``resume``, that
+    holds no checkpoint. ``overwrite`` deletes the previous run's ``RUN_FILES``.
+
+    The lock is ``flock`` on ``out/LOCK_FILE``: the OS releases it when the process dies,
+    so a crashed run never leaves the folder locked. A run that fails before writing anything
+    removes the folder if it created it.
+    """
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                raise ValueError(f"{out} is in use by another run (pid {holder}); wait for it "
+                                 "to finish or choose another --out") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if resume and not has_checkpoint(out):
+            held = f" (it holds {', '.join(found)}; --overwrite starts again)" if found else ""
+            raise ValueError(f"cannot resume: {out} holds no checkpoint{held}")
+        if found and not resume:
+            if not overwrite:
+                raise ValueError(f"{out} already holds a run ({', '.join(found)}); pass --resume "
+                                 "to continue it or --overwrite to replace it")
+            for name in found:
+                (out / name).unlink()
+            log(f"overwrite: deleted {', '.join(found)} from {out}")
+        yield
+    except BaseException:
+        if created and os.listdir(out) == [LOCK_FILE]:  # still locked: no other run is in it
+            with contextlib.suppress(OSError):
+                (out / LOCK_FILE).unlink()
+                out.rmdir()
+        raise
+    finally:  # otherwise the lock file stays: deleting it could let two runs lock two files
+        os.close(fd)
+
+
+def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+        dataset: data_lib.SequenceDataset | None = None, log: Callable[[str], None] = print) -> dict:
     """Train, validate every ``eval_every`` epochs, stop early on validation NDCG@10, and test
     the best checkpoint. Writes ``metrics.jsonl``, ``checkpoint.msgpack`` and ``results.json``
-    to ``config.out`` and returns the results dict."""
+    to ``config.out`` and returns the results dict.
+
+    ``config.out`` is locked for the run. A folder that already holds a run is refused unless
+    ``resume`` (continue it: it must hold a checkpoint) or ``overwrite`` (delete it first).
+    """
     config = config.resolved()
     config.validate()
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run in --out, "
+                         "or replace it")
     plan = mesh_plan(config)  # a bad --mesh fails here, before any data is read
     out = Path(config.out)
+    if plan is not None and jax.process_index() != 0:  # several hosts: process 0 holds out
+        return _fit_in_folder(config, plan, out, resume, dataset, log)
+    with _claim_run_folder(out, resume=resume, overwrite=overwrite, log=log):
+        return _fit_in_folder(config, plan, out, resume, dataset, log)
+
+
+def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out: Path,
+                   resume: bool, dataset: data_lib.SequenceDataset | None,
+                   log: Callable[[str], None]) -> dict:
+    """``fit`` once ``out`` is claimed."""
     ds = dataset if dataset is not None else data_lib.load_dataset(
-        config.format, config.data, cache_dir=config.cache_dir, kcore=config.kcore)
-    out.mkdir(parents=True, exist_ok=True)
+        config.format, config.data, cache_dir=config.cache_dir, kcore=config.kcore,
+        keep_duplicates=config.keep_duplicates)
     cfg_dict = dataclasses.asdict(config)
+    ckpt_config = cfg_dict | {DATA_FINGERPRINT: ds.fingerprint()}
+    stats = ds.stats()
+    log(f"data {ds.name}: {stats['users']} users, {stats['items']} items, "
+        f"{stats['interactions']} interactions; dropped {stats['duplicates_dropped']} duplicate "
+        f"rows and {stats['users_dropped']} users with too few interactions")
 
     model, optimizer, params, opt_state = init_training(config, ds, plan)
     examples = training_examples(config, ds)
+    if not (examples.arrays[examples.target_key] != 0).any():
+        raise data_lib.DataError(
+            f"{config.data or ds.name}: no training example for {config.model}: no user has 2 "
+            "training items (4 interactions: 2 to train on, a validation and a test item)")
     sampler = NegativeSampler(ds)
     best_params = sharding_lib.to_host(params)
     progress = Progress()
@@ -523,16 +741,28 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
 
     ckpt = out / "checkpoint.msgpack"
     log_path = out / "metrics.jsonl"
-    if resume and ckpt.exists():
-        params, opt_state, best_params, progress = load_checkpoint(ckpt, params, opt_state, cfg_dict)
+    if resume:
+        try:
+            params, opt_state, best_params, progress = load_checkpoint(
+                ckpt, params, opt_state, ckpt_config)
+        except ResumeError:
+            raise
+        except Exception as e:  # whatever the format's reader raises: name the file
+            raise ValueError(f"cannot read checkpoint {ckpt}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())}") from e
         if plan is not None:
             params, opt_state = plan.put((params, opt_state), (shardings.params, shardings.opt_state))
-        kept = [line for line in _complete_lines(log_path) if json.loads(line)["epoch"] <= progress.epoch]
+        lines, cut = _complete_lines(log_path)
+        kept = [line for line in lines if _epoch_of(line) <= progress.epoch]
         if writer:
-            log_path.write_text("".join(line + "\n" for line in kept))
-        log(f"resumed from {ckpt} after epoch {progress.epoch}")
-    elif log_path.exists() and writer:
-        log_path.unlink()
+            _write_atomic(log_path, "".join(line + "\n" for line in kept).encode())
+        notes = [f"resumed from {ckpt} after epoch {progress.epoch}"]
+        if cut is not None:
+            notes.append(f"dropped the cut-short last line of {log_path}: {cut[:60]!r}")
+        if len(kept) < len(lines):
+            notes.append(f"dropped {len(lines) - len(kept)} line(s) of {log_path} after the "
+                         "checkpoint's epoch (trained again)")
+        log("; ".join(notes))
 
     train_step = make_train_step(make_loss_fn(config, model), optimizer, shardings)
     scorer = make_scorer(config, model, None if plan is None else plan.mesh, ds.num_items)
@@ -577,7 +807,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
         if "valid" in record:
             host_params, host_state = sharding_lib.to_host((params, opt_state))
             if writer:
-                save_checkpoint(ckpt, host_params, host_state, best_params, progress, cfg_dict)
+                save_checkpoint(ckpt, host_params, host_state, best_params, progress, ckpt_config)
         bar.update(record, progress)
     bar.close()
 
@@ -585,7 +815,8 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
         best_params = plan.put(best_params, shardings.params)
     test = evaluate(config, scorer, best_params, ds, "test", plan)
     results = {"valid": progress.best_valid, "test": test, "best_epoch": progress.best_epoch,
-               "epochs_run": progress.epoch, "config": cfg_dict, "data": ds.stats()}
+               "epochs_run": progress.epoch, "config": cfg_dict,
+               "data": stats | {"fingerprint": ckpt_config[DATA_FINGERPRINT]}}
     if writer:
         _write_atomic(out / "results.json", json.dumps(results, indent=2).encode())
     return results

@@ -301,3 +301,164 @@ def test_save_load_round_trip(tmp_path, synth):
     plain.save(tmp_path / "plain.npz")
     again = SequenceDataset.load(tmp_path / "plain.npz")
     assert again == plain and again.item_categories is None and again.category_names is None
+
+
+# -- formats are told apart by content (issue 12, item 1) ----------------------------------
+
+RATINGS_LINES = "196\t242\t3\t881250949\n186\t302\t3\t891717742\n196\t377\t1\t878887116\n"
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        ("u1.base", RATINGS_LINES, "movielens"),  # ML-100K's own split files
+        ("ratings.txt", RATINGS_LINES, "movielens"),  # a renamed u.data
+        ("log.csv", RATINGS_LINES, "movielens"),  # the name says csv, the content does not
+        ("ratings.dat", "1::1193::5::978300760\n", "movielens"),
+        ("renamed.txt", "1::1193::5::978300760\n", "movielens"),
+        ("log.txt", "user,item,timestamp\na,b,1\n", "csv"),
+        ("seq.csv", "1 1 2 3\n2 3 4 5\n", "seqtxt"),
+        ("seq.txt", "\ufeff1 1 2 3\n", "seqtxt"),
+        ("tabs.txt", "1\t1\t2\n2\t3\t4\t5\n", "seqtxt"),  # tabs, but not 4 fields first
+    ],
+)
+def test_detect_format_reads_the_content_not_the_name(tmp_path, name, text, expected):
+    assert data.detect_format(_write(tmp_path / name, text)) == expected
+
+
+def test_detect_format_of_a_directory_and_a_missing_file(tmp_path):
+    assert data.detect_format(tmp_path) == "movielens"
+    with pytest.raises(DataError, match=r"nowhere\.txt: not found"):
+        data.detect_format(tmp_path / "nowhere.txt")
+
+
+def test_ml100k_split_file_loads_as_movielens(tmp_path):
+    text = RATINGS_LINES + "196\t51\t2\t881250950\n196\t51\t2\t881250950\n"  # one duplicate
+    path = _write(tmp_path / "u1.base", text)
+    ds = data.load_dataset(data.detect_format(path), path)
+    # user 196 rated 377, 242, 51 in time order (ids 3, 2, 1); user 186 (one rating) is too short
+    assert _full_sequences(ds) == [[3, 2, 1]] and ds.num_items == 3
+    assert ds.stats()["duplicates_dropped"] == 1 and ds.stats()["users_dropped"] == 1
+
+
+def test_seqtxt_refuses_a_ratings_file(tmp_path):
+    path = _write(tmp_path / "u.data", RATINGS_LINES)
+    with pytest.raises(DataError) as info:
+        data.load_seqtxt(path)
+    message = str(info.value)
+    assert "\n" not in message and "u.data:1:" in message
+    assert "user, item, rating, timestamp" in message and "--format movielens" in message
+
+
+@pytest.mark.parametrize("line, hint", [("1::2::5::100", "movielens"), ("1,2,3", "csv")])
+def test_seqtxt_names_the_format_of_a_foreign_line(tmp_path, line, hint):
+    path = _write(tmp_path / "seq.txt", f"1 1 2 3\n{line}\n")
+    with pytest.raises(DataError, match=rf"seq\.txt:2: .*--format {hint}"):
+        data.load_seqtxt(path)
+
+
+def test_csv_first_row_with_nan_timestamp_is_an_error_not_a_header(tmp_path):
+    path = _write(tmp_path / "log.csv", "1,2,nan\n1,3,2\n1,4,3\n")
+    with pytest.raises(DataError, match=r"log\.csv:1: timestamp 'nan' is not a finite number"):
+        data.load_csv(path)
+    header = _write(tmp_path / "head.csv", "user,item,timestamp\n1,2,1\n1,3,2\n1,4,3\n")
+    assert data.load_csv(header).stats()["interactions"] == 3
+
+
+# -- duplicates (item 2) --------------------------------------------------------------------
+
+
+def _rows_csv(rows) -> str:
+    return "".join(f"{u},{i},{t}\n" for u, i, t in rows)
+
+
+def test_exact_duplicates_are_dropped_counted_and_cannot_leak_a_target(tmp_path):
+    rows = [(u, (u * 7 + k) % 30, k) for u in range(12) for k in range(6)]
+    once = data.load_csv(_write(tmp_path / "once.csv", _rows_csv(rows)))
+    doubled = _write(tmp_path / "twice.csv", _rows_csv([r for r in rows for _ in range(2)]))
+    ds = data.load_csv(doubled)
+    assert ds.fingerprint() == once.fingerprint()  # the same split, names aside
+    assert ds.duplicates_dropped == len(rows) and once.duplicates_dropped == 0
+    assert ds.stats()["duplicates_dropped"] == len(rows)
+    # no target is the item just seen (the rows of a user are all distinct items)
+    last_train = ds.train_items[ds.train_offsets[1:] - 1]
+    assert not (ds.valid == last_train).any() and not (ds.test == ds.valid).any()
+
+    kept = data.load_csv(doubled, keep_duplicates=True)
+    assert kept.duplicates_dropped == 0 and kept.stats()["interactions"] == 2 * len(rows)
+    assert (kept.test == kept.valid).all()  # what keeping them costs: the target leaks
+
+
+def test_same_item_at_another_time_is_a_repeat_not_a_duplicate(tmp_path):
+    path = _write(tmp_path / "log.csv", "1,5,1\n1,6,2\n1,5,3\n1,5,3\n")
+    ds = data.load_csv(path)
+    assert ds.duplicates_dropped == 1 and _full_sequences(ds) == [[1, 2, 1]]
+
+
+def test_movielens_duplicates_and_short_users_are_counted(tmp_path):
+    text = "1\t10\t5\t1\n1\t11\t4\t2\n1\t12\t3\t3\n1\t12\t3\t3\n2\t10\t5\t1\n3\t10\t1\t5\n"
+    ds = data.load_movielens(_write(tmp_path / "u.data", text))
+    assert ds.stats()["duplicates_dropped"] == 1 and ds.stats()["users_dropped"] == 2
+    assert ds.num_users == 1 and ds.num_items == 3
+
+
+def test_duplicate_policy_is_part_of_the_cache_key(tmp_path):
+    src = _write(tmp_path / "log.csv", "1,1,1\n1,1,1\n1,2,2\n1,3,3\n1,4,4\n")
+    cache = tmp_path / "cache"
+    dropped = data.load_dataset("csv", src, cache_dir=cache)
+    kept = data.load_dataset("csv", src, cache_dir=cache, keep_duplicates=True)
+    assert dropped.duplicates_dropped == 1 and kept.duplicates_dropped == 0
+    again = data.load_dataset("csv", src, cache_dir=cache)  # read back from the cache
+    assert again == dropped and again.duplicates_dropped == 1 and again.users_dropped == 0
+    assert len(list(cache.glob("log-*.npz"))) == 2
+
+
+def test_fingerprint_follows_the_content_not_the_path(tmp_path):
+    a = data.load_seqtxt(_write(tmp_path / "a.txt", "1 1 2 3 4\n2 2 3 4\n"))
+    b = data.load_seqtxt(_write(tmp_path / "b.txt", "1 1 2 3 4\n\n2 2 3 4\n"))
+    c = data.load_seqtxt(_write(tmp_path / "c.txt", "1 1 2 3 4\n2 2 4 3\n"))
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    assert data.synthetic(num_users=50).fingerprint() != data.synthetic(
+        num_users=50, seed=1).fingerprint()
+
+
+# -- errors name their subject (item 8) ----------------------------------------------------
+
+
+def test_bom_at_the_top_of_a_sequence_file_is_stripped(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf1 1 2 3\n2 2 3 4\n")
+    plain = data.load_seqtxt(_write(tmp_path / "plain.txt", "1 1 2 3\n2 2 3 4\n"))
+    assert data.load_seqtxt(path).fingerprint() == plain.fingerprint()
+    ratings = tmp_path / "u.data"
+    ratings.write_bytes(b"\xef\xbb\xbf1\t1\t5\t1\n1\t2\t5\t2\n1\t3\t5\t3\n")
+    assert data.load_movielens(ratings).num_users == 1
+
+
+def test_id_beyond_int64_says_out_of_range(tmp_path):
+    path = _write(tmp_path / "big.txt", "1 1 2 3\n2 2 99999999999999999999 4\n")
+    with pytest.raises(DataError, match=r"big\.txt:2: id '99999999999999999999' is out of range"):
+        data.load_seqtxt(path)
+    ratings = _write(tmp_path / "u.data", "1\t1\t5\t1\n1\t-99999999999999999999\t5\t2\n")
+    with pytest.raises(DataError, match=r"u\.data:2: item id .* is out of range"):
+        data.load_movielens(ratings)
+
+
+def test_no_user_left_says_why(tmp_path):
+    path = _write(tmp_path / "short.csv", "1,1,1\n1,1,1\n1,2,2\n")
+    with pytest.raises(DataError, match=r"short\.csv: no user left .*fewer than 3.*1 duplicates"):
+        data.load_csv(path)
+
+
+def test_movielens_separator_comes_from_the_first_non_blank_line(tmp_path):
+    # found by tests/test_data_properties.py: a blank first line made '::' files tab-separated
+    path = _write(tmp_path / "ratings.dat", "   \n1::1::3::0\n1::2::3::1\n1::3::3::2\n")
+    assert data.load_movielens(path).stats()["interactions"] == 3
+
+
+def test_csv_header_is_a_row_without_any_number(tmp_path):
+    # '1,2,x' is a data row with a bad timestamp, not a header to skip
+    with pytest.raises(DataError, match=r"log\.csv:1: timestamp 'x' is not a finite number"):
+        data.load_csv(_write(tmp_path / "log.csv", "1,2,x\n1,3,2\n1,4,3\n1,5,4\n"))
+    ds = data.load_csv(_write(tmp_path / "named.csv", "user_id,item_id,ts\n1,3,2\n1,4,3\n1,5,4\n"))
+    assert ds.stats()["interactions"] == 3

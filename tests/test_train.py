@@ -1,0 +1,298 @@
+"""The command line and fit's handling of its output folder: validation before any work,
+used and locked folders, log repair, resume edge cases, errors that name their subject
+(issue 12). Every run is MF-BPR + AdamW (the cheapest to compile: none of this depends on
+the model) on a tiny CSV for an epoch or two."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sevo_jax import training
+from sevo_jax.train import main
+from tests import helpers
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "mfbpr", "--optimizer", "adamw", "--features", "8", "--batch-size", "64",
+        "--no-progress", "--eval-every", "1"]
+TINY_SEQUENTIAL = ["--features", "8", "--maxlen", "8", "--batch-size", "64", "--no-progress"]
+
+
+def _rows(num_users=20, length=6, num_items=25):
+    return [(u, (3 * u + 5 * k) % num_items, k) for u in range(num_users) for k in range(length)]
+
+
+@pytest.fixture()
+def tiny_csv(tmp_path) -> Path:
+    path = tmp_path / "log.csv"
+    path.write_text("".join(f"{u},{i},{t}\n" for u, i, t in _rows()))
+    return path
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def _fails(capsys, argv, *needles) -> str:
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, (code, err)
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# ---- item 7: every field checked before any data is read ---------------------------------------
+
+BAD_VALUES = {
+    "model": "bert", "data": "", "format": "parquet", "optimizer": "lamb", "graph": "knn",
+    "epochs": 0, "batch_size": -1, "lr": 0.0, "weight_decay": -0.1, "b1": 1.0, "b2": -0.5,
+    "eps": 0.0, "momentum": 1.0, "beta": 1.0, "num_layers": -1, "approx": "exact", "H": 0,
+    "maxlen": 0, "features": 2.5, "num_blocks": 0, "num_heads": 0, "dropout": 1.0, "seed": -1,
+    "eval_every": 0, "patience": 0, "eval_batch_size": 0, "kcore": -1, "keep_duplicates": "yes",
+    "cache_dir": 3, "out": "", "progress": None, "mesh": 8,
+}
+
+
+def test_validate_walks_every_config_field():
+    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    assert set(BAD_VALUES) == fields  # a new field needs a rule and a bad value here
+    training.TrainConfig().validate()
+    for name, bad in BAD_VALUES.items():
+        extra = {"format": "csv"} if name == "data" else {}
+        with pytest.raises(training.ConfigError) as info:
+            dataclasses.replace(training.TrainConfig(), **{name: bad}, **extra).validate()
+        assert info.value.field == name and str(info.value).startswith(name + " ")
+        assert repr(bad) in str(info.value)
+    for name, nan in (("lr", float("nan")), ("b1", float("inf")), ("seed", True)):
+        with pytest.raises(training.ConfigError, match=name):
+            dataclasses.replace(training.TrainConfig(), **{name: nan}).validate()
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--seed", "-1", "--seed must be an integer >= 0, got -1"),
+        ("--b1", "1.5", "--b1 must lie in [0, 1), got 1.5"),
+        ("--b2", "1", "--b2 must lie in [0, 1), got 1.0"),
+        ("--eps", "0", "--eps must be a finite number > 0"),
+        ("--lr", "0", "--lr must be a finite number > 0"),
+        ("--lr", "nan", "--lr must be a finite number > 0"),
+        ("--momentum", "1", "--momentum must lie in [0, 1)"),
+        ("--dropout", "1", "--dropout must lie in [0, 1)"),
+        ("--kcore", "-2", "--kcore must be an integer >= 0"),
+        ("--num-layers", "-1", "--num-layers must be an integer >= 0"),
+        ("--H", "0", "--H must be a positive integer"),
+        ("--eval-batch-size", "0", "--eval-batch-size must be a positive integer"),
+    ],
+)
+def test_bad_numbers_name_the_flag_before_the_data_is_read(capsys, tmp_path, flag, value, expected):
+    # the data file does not exist: the flag is reported first, and nothing is created
+    _fails(capsys, ["--data", tmp_path / "nowhere.csv", flag, value, "--out", tmp_path / "o"],
+           expected)
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_training_example_is_an_error(capsys, tmp_path):
+    path = tmp_path / "three.csv"  # every user has 3 interactions: one to train on
+    path.write_text("".join(f"{u},{u + k},{k}\n" for u in range(10) for k in range(3)))
+    for model in ("sasrec", "gru4rec"):
+        _fails(capsys, ["--data", path, "--model", model, "--epochs", "1", *TINY_SEQUENTIAL,
+                        "--out", tmp_path / model], "three.csv: no training example", model)
+
+
+def test_data_stats_reports_dropped_duplicates_and_users(capsys, tmp_path):
+    rows = _rows(num_users=4) + [(9, 1, 1), (9, 2, 2)]  # user 9 is too short
+    path = tmp_path / "log.txt"  # the name says nothing; the content says csv
+    path.write_text("".join(f"{u},{i},{t}\n" for u, i, t in rows + rows[:5]))
+    code, out, _ = _run(capsys, "--data", path, "--data-stats")
+    stats = json.loads(out)
+    assert code == 0 and stats["format"] == "csv"
+    assert stats["users"] == 4 and stats["interactions"] == 24
+    assert stats["duplicates_dropped"] == 5 and stats["users_dropped"] == 1
+    code, out, _ = _run(capsys, "--data", path, "--data-stats", "--keep-duplicates")
+    assert code == 0 and json.loads(out)["duplicates_dropped"] == 0
+
+
+def test_run_output_reports_the_data(capsys, tmp_path, tiny_csv):
+    code, out, _ = _run(capsys, "--data", tiny_csv, "--epochs", "1", *TINY, "--out", tmp_path / "o")
+    assert code == 0 and "dropped 0 duplicate rows and 0 users" in out
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["data"]["duplicates_dropped"] == 0 and results["data"]["users_dropped"] == 0
+    assert len(results["data"]["fingerprint"]) == 16
+
+
+# ---- item 3: a used folder is never clobbered; a live run's folder is refused ----------------
+
+
+def test_a_used_out_is_refused_unless_overwrite(capsys, tmp_path, tiny_csv):
+    out = tmp_path / "o"
+    base = ["--data", tiny_csv, "--epochs", "1", *TINY, "--out", out]
+    assert _run(capsys, *base)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _fails(capsys, base, f"{out} already holds a run", "metrics.jsonl", "--overwrite", "--resume")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    _fails(capsys, base + ["--resume", "--overwrite"], "exclude each other")
+    code, out_text, _ = _run(capsys, *base, "--overwrite", "--seed", "1")
+    assert code == 0 and "overwrite: deleted" in out_text
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 1
+
+
+def test_resume_without_a_checkpoint_is_an_error(capsys, tmp_path, tiny_csv):
+    _fails(capsys, ["--data", tiny_csv, "--epochs", "1", *TINY, "--resume", "--out",
+                    tmp_path / "fresh"], "cannot resume", "holds no checkpoint")
+    assert not (tmp_path / "fresh").exists()  # a run that wrote nothing leaves no folder
+
+
+def test_second_process_on_a_live_out_is_refused_and_a_killed_run_leaves_no_lock(
+        capsys, tmp_path, tiny_csv):
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get(
+        "PYTHONPATH")])), "JAX_PLATFORMS": "cpu"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "sevo_jax.train", "--data", str(tiny_csv), "--epochs", "100000",
+         *TINY, "--out", str(out)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    try:
+        lock = out / training.LOCK_FILE
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None, first.stderr.read().decode()
+            assert time.monotonic() < deadline, "the first run never locked its folder"
+            time.sleep(0.1)
+        for extra in ([], ["--overwrite"], ["--resume"]):  # none may touch a live run's folder
+            _fails(capsys, ["--data", tiny_csv, "--epochs", "1", *TINY, "--out", out, *extra],
+                   f"{out} is in use by another run (pid {first.pid})")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        first.stderr.close()
+    # the OS released the dead run's lock: the folder is usable again, with an explicit flag
+    assert _run(capsys, "--data", tiny_csv, "--epochs", "1", *TINY, "--out", out,
+                "--overwrite")[0] == 0
+
+
+# ---- item 5: log repair never drops a complete record ----------------------------------------
+
+
+def _fit(tmp_path, tiny, epochs, resume=False):
+    config = training.TrainConfig(model="mfbpr", optimizer="adamw", format="csv", data=str(tiny),
+                                  epochs=epochs, features=8, batch_size=64, eval_every=1,
+                                  progress=False, out=str(tmp_path / "run"))
+    messages = []
+    return training.fit(config, log=messages.append, resume=resume), messages
+
+
+def test_a_damaged_middle_line_is_an_error_and_is_kept(tmp_path, tiny_csv):
+    _fit(tmp_path, tiny_csv, 2)
+    log = tmp_path / "run" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    for bad_line in ("garbage", "{}", '{"epoch": "two"}', "[1, 2]"):
+        damaged = "\n".join([lines[0], bad_line, lines[1]]) + "\n"
+        log.write_text(damaged)
+        with pytest.raises(ValueError) as info:
+            _fit(tmp_path, tiny_csv, 3, resume=True)
+        message = str(info.value)
+        assert f"{log}:2: found" in message and "\n" not in message, message
+        assert "repair or delete" in message
+        assert log.read_text() == damaged  # nothing dropped
+
+
+def test_only_a_cut_short_last_line_is_dropped_and_reported(tmp_path, tiny_csv):
+    _fit(tmp_path, tiny_csv, 2)
+    log = tmp_path / "run" / "metrics.jsonl"
+    complete = log.read_text()
+    log.write_text(complete + '{"epoch": 3, "loss": 0.6')  # killed while writing epoch 3
+    _, messages = _fit(tmp_path, tiny_csv, 3, resume=True)
+    note = next(m for m in messages if m.startswith("resumed from"))
+    assert "dropped the cut-short last line" in note and '{"epoch": 3, "loss": 0.6' in note
+    lines = log.read_text().splitlines()
+    assert lines[:2] == complete.splitlines() and [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+# ---- item 6: resume edge cases ------------------------------------------------------------------
+
+
+def test_resume_refuses_changed_data_in_one_line(capsys, tmp_path, tiny_csv):
+    base = ["--data", tiny_csv, *TINY, "--out", tmp_path / "o"]
+    assert _run(capsys, *base, "--epochs", "1")[0] == 0
+    tiny_csv.write_text(tiny_csv.read_text().replace("0,0,0\n", "0,1,0\n"))
+    _fails(capsys, base + ["--epochs", "2", "--resume"], "changed since the checkpoint",
+           str(tiny_csv))
+
+
+def test_resume_accepts_harmless_differences(capsys, tmp_path, tiny_csv, monkeypatch):
+    out = tmp_path / "o"
+    assert _run(capsys, "--data", tiny_csv, *TINY, "--epochs", "1", "--out", out)[0] == 0
+    monkeypatch.chdir(tmp_path)  # the data path relative now, the out path spelled differently
+    argv = ["--data", "log.csv", *TINY, "--epochs", "2", "--resume", "--out", "./o/",
+            "--eval-batch-size", "7"]
+    code, printed, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert "resumed from" in printed and "best epoch" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs_run"] == 2 and results["config"]["eval_batch_size"] == 7
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(capsys, tmp_path, tiny_csv):
+    base = ["--data", tiny_csv, *TINY, "--out", tmp_path / "o"]
+    assert _run(capsys, *base, "--epochs", "2")[0] == 0
+    _fails(capsys, base + ["--epochs", "1", "--resume"], "epochs 1 is fewer than the 2")
+
+
+def test_resume_conflicts():
+    saved = dataclasses.asdict(training.TrainConfig(format="csv", data="a/log.csv", epochs=4))
+    saved[training.DATA_FINGERPRINT] = "abc"
+    same = dict(saved, out="elsewhere", eval_batch_size=3, progress=False, data="/x/log.csv")
+    assert training.resume_conflicts(saved, same, epochs_done=4) == []
+    assert training.resume_conflicts(saved, dict(same, epochs=6), epochs_done=4) == []
+    (why,) = training.resume_conflicts(saved, dict(same, lr=0.5), epochs_done=4)
+    assert why.startswith("lr is None in the checkpoint, 0.5 now")
+    (why,) = training.resume_conflicts(saved, dict(same, data_fingerprint="def"))
+    assert "/x/log.csv changed since the checkpoint" in why
+    (why,) = training.resume_conflicts(saved, dict(same, epochs=2), epochs_done=4)
+    assert "epochs 2 is fewer than the 4" in why
+    older = {k: v for k, v in saved.items() if k not in ("keep_duplicates", "data_fingerprint")}
+    assert training.resume_conflicts(older, dict(saved, data="a/./log.csv")) == []
+    assert training.resume_conflicts(older, dict(saved, data="b/log.csv")) != []
+
+
+# ---- item 8: errors name their subject ---------------------------------------------------------
+
+
+def test_a_corrupt_checkpoint_is_named(capsys, tmp_path, tiny_csv):
+    base = ["--data", tiny_csv, *TINY, "--out", tmp_path / "o"]
+    assert _run(capsys, *base, "--epochs", "1")[0] == 0
+    ckpt = tmp_path / "o" / "checkpoint.msgpack"
+    ckpt.write_bytes(ckpt.read_bytes()[: len(ckpt.read_bytes()) // 2])
+    _fails(capsys, base + ["--epochs", "2", "--resume"], f"cannot read checkpoint {ckpt}: ")
+
+
+def test_data_errors_name_the_file(capsys, tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf1 1 2 3\n2 2 3 4\n")
+    code, out, _ = _run(capsys, "--data", bom, "--data-stats")
+    assert code == 0 and json.loads(out)["users"] == 2
+    big = tmp_path / "big.txt"
+    big.write_text("1 1 2 3\n2 2 18446744073709551616 4\n")
+    _fails(capsys, ["--data", big, "--data-stats"], "big.txt:2: id '18446744073709551616' is out "
+           "of range")
+    ratings = tmp_path / "u1.base"
+    ratings.write_text("1\t2\t5\t881250949\n1\t3\t4\t881250950\n")
+    _fails(capsys, ["--data", ratings, "--format", "seqtxt", "--data-stats"], "u1.base:1: found "
+           "tab-separated user, item, rating, timestamp")
+    helpers.fails_cleanly(capsys, ["--data", str(tmp_path / "none.txt")], "none.txt: not found")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 1 2 3\n2 x\n")
+    _fails(capsys, ["--data", bad, "--out", tmp_path / "o", *TINY], "bad.txt:2: id 'x'")
+    assert not (tmp_path / "o").exists()
