@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +31,7 @@ import optax
 import scipy.sparse as sp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sevo_jax import checkpoint as checkpoint_lib
 from sevo_jax import data as data_lib
 from sevo_jax import graph as graph_lib
 from sevo_jax import metrics as metrics_lib
@@ -464,27 +464,6 @@ def _write_atomic(path: Path, blob: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, params, opt_state, best_params, progress: Progress, config: dict) -> None:
-    state = {"params": params, "opt_state": opt_state, "best_params": best_params}
-    meta = {"progress": dataclasses.asdict(progress), "config": config}
-    _write_atomic(path, flax.serialization.to_bytes(state))
-    _write_atomic(path.with_suffix(".json"), json.dumps(meta).encode())
-
-
-def load_checkpoint(path: Path, params, opt_state, config: dict):
-    """Restore into the given templates; the run's config must match the checkpoint's."""
-    meta = json.loads(path.with_suffix(".json").read_text())
-    ignore = {"epochs", "out", "progress", "patience"}
-    old = {k: v for k, v in meta["config"].items() if k not in ignore}
-    new = {k: v for k, v in config.items() if k not in ignore}
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if diff:  # a field missing from an older checkpoint counts as None (its default)
-        raise ValueError(f"cannot resume {path}: its config differs in {', '.join(diff)}")
-    template = {"params": params, "opt_state": opt_state, "best_params": params}
-    state = flax.serialization.from_bytes(template, path.read_bytes())
-    return state["params"], state["opt_state"], state["best_params"], Progress(**meta["progress"])
-
-
 # ---- the loop -------------------------------------------------------------------------------------
 
 
@@ -499,11 +478,17 @@ def _complete_lines(path: Path) -> list[str]:
     return lines
 
 
+def _device_copy(tree: Any) -> Any:
+    """A copy of a pytree of device arrays, same shardings (the train step donates its input)."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
 def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.SequenceDataset | None = None,
         log: Callable[[str], None] = print) -> dict:
     """Train, validate every ``eval_every`` epochs, stop early on validation NDCG@10, and test
-    the best checkpoint. Writes ``metrics.jsonl``, ``checkpoint.msgpack`` and ``results.json``
-    to ``config.out`` and returns the results dict."""
+    the best parameters. Writes ``metrics.jsonl``, ``checkpoints/`` (``sevo_jax.checkpoint``:
+    one atomic step per evaluation, the latest and the best kept) and ``results.json`` to
+    ``config.out`` and returns the results dict."""
     config = config.resolved()
     config.validate()
     plan = mesh_plan(config)  # a bad --mesh fails here, before any data is read
@@ -513,26 +498,33 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = dataclasses.asdict(config)
 
-    model, optimizer, params, opt_state = init_training(config, ds, plan)
+    adjacency = build_graph(config, ds) if config.optimizer.startswith("sevo") else None
+    model, optimizer, params, opt_state = init_training(config, ds, plan, adjacency)
     examples = training_examples(config, ds)
     sampler = NegativeSampler(ds)
-    best_params = sharding_lib.to_host(params)
+    best_params = _device_copy(params)
     progress = Progress()
     shardings = None if plan is None else plan.step_shardings(params, opt_state)
     writer = plan is None or jax.process_index() == 0  # several hosts: process 0 writes
 
-    ckpt = out / "checkpoint.msgpack"
+    checkpoints = checkpoint_lib.RunCheckpoints(out / "checkpoints")
+    run_meta = {"config": cfg_dict, "data_fingerprint": checkpoint_lib.dataset_fingerprint(ds),
+                "graph_fingerprint": None if adjacency is None
+                else checkpoint_lib.graph_fingerprint(adjacency)}
     log_path = out / "metrics.jsonl"
-    if resume and ckpt.exists():
-        params, opt_state, best_params, progress = load_checkpoint(ckpt, params, opt_state, cfg_dict)
-        if plan is not None:
-            params, opt_state = plan.put((params, opt_state), (shardings.params, shardings.opt_state))
+    if resume and checkpoints.latest_epoch() is not None:
+        template = {"params": params, "opt_state": opt_state, "best_params": params}
+        state, meta = checkpoints.restore(template, run_meta)
+        params, opt_state, best_params = state["params"], state["opt_state"], state["best_params"]
+        progress = Progress(**meta["progress"])
         kept = [line for line in _complete_lines(log_path) if json.loads(line)["epoch"] <= progress.epoch]
         if writer:
             log_path.write_text("".join(line + "\n" for line in kept))
-        log(f"resumed from {ckpt} after epoch {progress.epoch}")
-    elif log_path.exists() and writer:
-        log_path.unlink()
+        log(f"resumed from {checkpoints.step_path(progress.epoch)} after epoch {progress.epoch}")
+    else:
+        checkpoints.clear()
+        if log_path.exists() and writer:
+            log_path.unlink()
 
     train_step = make_train_step(make_loss_fn(config, model), optimizer, shardings)
     scorer = make_scorer(config, model, None if plan is None else plan.mesh, ds.num_items)
@@ -565,7 +557,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
             if valid["NDCG@10"] > progress.best_score:
                 progress.best_score, progress.best_epoch, progress.best_valid = valid["NDCG@10"], epoch, valid
                 progress.evals_since_best = 0
-                best_params = sharding_lib.to_host(params)
+                best_params = _device_copy(params)
             else:
                 progress.evals_since_best += 1
             stopped = progress.stopped(config.patience)
@@ -575,14 +567,15 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if "valid" in record:
-            host_params, host_state = sharding_lib.to_host((params, opt_state))
-            if writer:
-                save_checkpoint(ckpt, host_params, host_state, best_params, progress, cfg_dict)
+            checkpoints.save(epoch, {"params": params, "opt_state": opt_state,
+                                     "best_params": best_params},
+                             {**run_meta, "progress": dataclasses.asdict(progress),
+                              "rng": {"seed": config.seed, "next_epoch": epoch + 1}},
+                             score=valid["NDCG@10"])
         bar.update(record, progress)
     bar.close()
+    checkpoints.close()
 
-    if plan is not None:
-        best_params = plan.put(best_params, shardings.params)
     test = evaluate(config, scorer, best_params, ds, "test", plan)
     results = {"valid": progress.best_valid, "test": test, "best_epoch": progress.best_epoch,
                "epochs_run": progress.epoch, "config": cfg_dict, "data": ds.stats()}
