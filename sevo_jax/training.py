@@ -512,6 +512,9 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
                 "graph_fingerprint": None if adjacency is None
                 else checkpoint_lib.graph_fingerprint(adjacency)}
     log_path = out / "metrics.jsonl"
+    if resume and checkpoints.latest_epoch() is None and (out / "checkpoint.msgpack").exists():
+        raise ValueError(f"{out / 'checkpoint.msgpack'} was written by a sevo_jax before Orbax "
+                         "checkpoints and cannot be resumed; rerun without --resume in a new --out")
     if resume and checkpoints.latest_epoch() is not None:
         template = {"params": params, "opt_state": opt_state, "best_params": params}
         state, meta = checkpoints.restore(template, run_meta)

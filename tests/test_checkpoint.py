@@ -225,6 +225,16 @@ def test_corrupt_checkpoint_is_one_line_naming_it(tmp_path, capsys):
                                                       "results.json"]
 
 
+def test_a_pre_orbax_checkpoint_is_refused_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.msgpack").write_bytes(b"old")
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n')
+    helpers.fails_cleanly(capsys, ["--model", "mfbpr", "--epochs", "1", "--no-progress",
+                                   "--out", str(out), "--resume"], "before Orbax checkpoints")
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1, "loss": 0.5}\n'
+
+
 def test_bad_fault_variable_is_one_line(tmp_path, monkeypatch):
     from sevo_jax import checkpoint
 
@@ -250,15 +260,15 @@ CHAINS = {
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory):
     pythonpath = os.pathsep.join(filter(None, [str(helpers.REPO), os.environ.get("PYTHONPATH")]))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": pythonpath,
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": pythonpath,
+            "XLA_FLAGS": "--xla_backend_optimization_level=0",
             "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
 def _cli(cwd: Path, env: dict, model: str, *extra: str, fault: str | None = None):
-    cwd.mkdir(exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)
     env = dict(env)
     env.pop("SEVO_JAX_CHECKPOINT_FAULT", None)
     if fault is not None:
@@ -272,14 +282,14 @@ def _strip_seconds(path: Path) -> list[dict]:
     return [{k: v for k, v in x.items() if k != "train_seconds"} for x in lines]
 
 
-@pytest.mark.parametrize("model", list(CHAINS))
-def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, cli_env, model):
-    ref = _cli(tmp_path / "ref", cli_env, model)
+def _crash_and_resume(root: Path, env: dict, model: str) -> None:
+    """An uninterrupted run, then the kills of ``CHAINS[model]`` each followed by a resume."""
+    ref = _cli(root / "ref", env, model)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    crash = tmp_path / "crash"
+    crash = root / "crash"
     ckpt_dir = crash / "run" / "checkpoints"
     for k, fault in enumerate(CHAINS[model]):
-        proc = _cli(crash, cli_env, model, *(["--resume"] if k else []), fault=fault)
+        proc = _cli(crash, env, model, *(["--resume"] if k else []), fault=fault)
         assert proc.returncode == -9, (fault, proc.returncode, proc.stderr[-3000:])
         stage, epoch = fault.split("@")
         epoch = int(epoch)
@@ -291,15 +301,39 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, cli_env, model
         logged = [x["epoch"] for x in _strip_seconds(crash / "run" / "metrics.jsonl")]
         assert logged[-1] == epoch, (fault, logged)  # the log line precedes the checkpoint
         assert not (crash / "run" / "results.json").exists()
-    done = _cli(crash, cli_env, model, "--resume")
+    done = _cli(crash, env, model, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (crash / "run" / "results.json").read_bytes() == (tmp_path / "ref" / "run" /
+    assert (crash / "run" / "results.json").read_bytes() == (root / "ref" / "run" /
                                                                "results.json").read_bytes()
     assert _strip_seconds(crash / "run" / "metrics.jsonl") == _strip_seconds(
-        tmp_path / "ref" / "run" / "metrics.jsonl")
+        root / "ref" / "run" / "metrics.jsonl")
     results = json.loads((crash / "run" / "results.json").read_text())
     kept = sorted(int(p.name) for p in ckpt_dir.iterdir())
     assert kept == sorted({results["best_epoch"], 4}), kept
+
+
+@pytest.fixture(scope="module")
+def crash_runs(tmp_path_factory, cli_env):
+    """``{model: None or the exception}``: the three chains, two at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("crash")
+
+    def run(model):
+        try:
+            _crash_and_resume(root / model, cli_env, model)
+        except Exception as e:  # reported by the model's own test
+            return e
+        return None
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CHAINS, pool.map(run, CHAINS)))
+
+
+@pytest.mark.parametrize("model", list(CHAINS))
+def test_killed_runs_resume_to_the_uninterrupted_result(crash_runs, model):
+    if crash_runs[model] is not None:
+        raise crash_runs[model]
 
 
 # --------------------------------------------------------------------------------------------
