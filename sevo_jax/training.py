@@ -440,12 +440,12 @@ def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.Se
     return acc.compute()
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------
+# ---- progress -------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Progress:
-    """What a checkpoint holds besides params and optimizer state."""
+    """A run's progress; each checkpoint's metadata holds it (``sevo_jax.checkpoint``)."""
 
     epoch: int = 0                       # epochs completed
     best_epoch: int = 0

@@ -46,12 +46,12 @@ def small_ds():
     return data.synthetic(num_users=120, num_items=150, num_clusters=6, seq_len=(5, 14), seed=1)
 
 
-def _fit(tmp_path, ds, name="run", **overrides):
+def _fit(tmp_path, ds, name="run", resume=False, **overrides):
     from sevo_jax import training
 
     cfg = training.TrainConfig(**{**dict(epochs=3, eval_every=1, seed=3, out=str(tmp_path / name),
                                          **SMALL), **overrides})
-    return training.fit(cfg, dataset=ds, log=lambda s: None), cfg
+    return training.fit(cfg, dataset=ds, resume=resume, log=lambda s: None), cfg
 
 
 def _template(cfg, ds):
@@ -113,26 +113,32 @@ def test_resume_restores_every_array_exactly(tmp_path, small_ds):
 
     from sevo_jax import checkpoint
 
-    # sevo-adamw: the state holds Adam moments, a step count and the graph
-    results, cfg = _fit(tmp_path, small_ds)
+    # MF-BPR, sevo-adamw: Adam moments, a step count and the graph in the state; at this seed
+    # the best validation epoch (3) is not the last (4), so best params != params
+    results, cfg = _fit(tmp_path, small_ds, model="mfbpr", epochs=4)
+    assert results["best_epoch"] == 3, results["best_epoch"]
     ckpts = checkpoint.RunCheckpoints(tmp_path / "run" / "checkpoints")
+    assert ckpts.all_epochs() == [3, 4]
     template = _template(cfg, small_ds)
     state, meta = ckpts.restore(template, _expected(cfg, small_ds))
-    assert meta["epoch"] == 3 and meta["progress"]["epoch"] == 3
-    assert meta["progress"]["best_epoch"] == results["best_epoch"]
+    assert meta["epoch"] == 4 and meta["progress"]["epoch"] == 4
+    assert meta["progress"]["best_epoch"] == 3
     assert meta["progress"]["best_valid"] == results["valid"]
-    assert meta["rng"] == {"seed": 3, "next_epoch": 4}
+    assert meta["rng"] == {"seed": 3, "next_epoch": 5}
     # the graph came from the template, every other array from the checkpoint
     assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(template)
-    graph_t = template["opt_state"][1].graph
-    assert state["opt_state"][1].graph is graph_t
+    assert state["opt_state"][1].graph is template["opt_state"][1].graph
     count = int(state["opt_state"][0].count)
-    assert count == 3 * -(-120 // 64), count  # 3 epochs of 2 batches
-    # the stored best params are the params of the best step, which is kept
-    best, _ = ckpts.restore(template, _expected(cfg, small_ds), epoch=results["best_epoch"])
-    for a, b in zip(jax.tree_util.tree_leaves(state["best_params"]),
-                    jax.tree_util.tree_leaves(best["params"])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert count == 4 * -(-small_ds.train_items.size // 64), count  # 4 epochs of batches of 64
+    # the latest step's best params are the params of the best step, which is kept
+    best, _ = ckpts.restore(template, _expected(cfg, small_ds), epoch=3)
+    same = [np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(jax.device_get(state["best_params"])),
+        jax.tree_util.tree_leaves(jax.device_get(best["params"])))]
+    moved = [np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(jax.device_get(state["best_params"])),
+        jax.tree_util.tree_leaves(jax.device_get(state["params"])))]
+    assert all(same) and not any(moved)
 
 
 def test_keeps_the_latest_and_the_best(tmp_path, small_ds):
@@ -181,7 +187,7 @@ def test_a_crash_inside_the_write_window_leaves_the_previous_step(tmp_path, monk
 def test_resume_refuses_another_graph_or_data(tmp_path, small_ds):
     from sevo_jax import checkpoint, data, training
 
-    _, cfg = _fit(tmp_path, small_ds, epochs=1)
+    _, cfg = _fit(tmp_path, small_ds, model="mfbpr", epochs=1)
     ckpts = checkpoint.RunCheckpoints(tmp_path / "run" / "checkpoints")
     expected = _expected(cfg, small_ds)
     expected["graph_fingerprint"] = checkpoint.graph_fingerprint(np.ones((2, 2)))
@@ -190,13 +196,9 @@ def test_resume_refuses_another_graph_or_data(tmp_path, small_ds):
         ckpts.restore(_template(cfg, small_ds), expected)
     bigger = data.synthetic(num_users=121, num_items=150, num_clusters=6, seq_len=(5, 14), seed=1)
     with pytest.raises(ValueError, match=r"checkpoints/1: the data set differs"):
-        training.fit(training.TrainConfig(epochs=2, eval_every=1, seed=3,
-                                          out=str(tmp_path / "run"), **SMALL),
-                     dataset=bigger, resume=True, log=lambda s: None)
+        _fit(tmp_path, bigger, model="mfbpr", epochs=2, resume=True)
     with pytest.raises(ValueError, match=r"checkpoints/1: its config differs in lr"):
-        training.fit(training.TrainConfig(epochs=2, eval_every=1, seed=3, lr=0.5,
-                                          out=str(tmp_path / "run"), **SMALL),
-                     dataset=small_ds, resume=True, log=lambda s: None)
+        _fit(tmp_path, small_ds, model="mfbpr", epochs=2, lr=0.5, resume=True)
 
 
 def test_corrupt_checkpoint_is_one_line_naming_it(tmp_path, capsys):
