@@ -1,4 +1,4 @@
-"""Checkpoints of a training run: one atomic Orbax step per evaluation; the latest and the best kept.
+"""A training run's checkpoints: one atomic Orbax step per evaluation; latest and best kept.
 
 ``RunCheckpoints(out / "checkpoints")`` wraps an ``orbax.checkpoint.CheckpointManager`` whose step
 ``e`` is the state after epoch ``e``. One step holds, written together and committed by one
@@ -23,8 +23,9 @@ the optimizer state, and ``restore`` takes the graph from the freshly built opti
 Restoring reads every array straight into the template's shardings, so a checkpoint written
 under ``--mesh data=8`` restores under ``--mesh data=4`` or unsharded. Sharded runs pad the
 row-sharded tables (and their optimizer state) with zero rows up to a multiple of the mesh
-size; such a table is read into the template's row count, dropping or appending zero padding
-rows (Orbax's ``strict=False``); any other difference of shape is refused.
+size; such a table is read into the template's row count, dropping or appending padding rows
+(Orbax's ``strict=False``; padding rows stay exactly zero in training, see
+``sevo_jax.training``); any other difference of shape is refused.
 
 Fault injection: ``fault_hook(stage, epoch)`` (module attribute) and the environment variable
 ``SEVO_JAX_CHECKPOINT_FAULT=STAGE@EPOCH[,STAGE@EPOCH...]`` (which SIGKILLs the process there)
