@@ -19,13 +19,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +33,7 @@ import optax
 import scipy.sparse as sp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sevo_jax import checkpoint as checkpoint_lib
 from sevo_jax import data as data_lib
 from sevo_jax import graph as graph_lib
 from sevo_jax import metrics as metrics_lib
@@ -513,12 +514,12 @@ def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.Se
     return acc.compute()
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------
+# ---- progress -------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Progress:
-    """What a checkpoint holds besides params and optimizer state."""
+    """A run's progress; each checkpoint's metadata holds it (``sevo_jax.checkpoint``)."""
 
     epoch: int = 0                       # epochs completed
     best_epoch: int = 0
@@ -537,16 +538,10 @@ def _write_atomic(path: Path, blob: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, params, opt_state, best_params, progress: Progress, config: dict) -> None:
-    state = {"params": params, "opt_state": opt_state, "best_params": best_params}
-    meta = {"progress": dataclasses.asdict(progress), "config": config}
-    _write_atomic(path, flax.serialization.to_bytes(state))
-    _write_atomic(path.with_suffix(".json"), json.dumps(meta).encode())
-
-
 def has_checkpoint(out: str | os.PathLike) -> bool:
-    """Whether the run folder ``out`` holds a checkpoint that ``fit(..., resume=True)`` reads."""
-    return (Path(out) / "checkpoint.msgpack").exists()
+    """Whether the run folder ``out`` holds a committed checkpoint step that
+    ``fit(..., resume=True)`` reads (``out/checkpoints/``, ``sevo_jax.checkpoint``)."""
+    return bool(checkpoint_lib.committed_epochs(Path(out) / CHECKPOINT_DIR))
 
 
 class ResumeError(ValueError):
@@ -554,11 +549,13 @@ class ResumeError(ValueError):
 
 
 # Fields a resumed run may change: where it writes, how it shows progress and batches the
-# evaluation, where it caches, and when it stops (``epochs``: never below the epochs done).
+# evaluation, where it caches, its device mesh (checkpoints restore onto any mesh) and when it
+# stops (``epochs``: never below the epochs done).
 # ``data`` is compared by the data's content fingerprint, not by how the path is spelled.
 RESUME_HARMLESS = frozenset({"out", "progress", "eval_batch_size", "cache_dir", "patience",
-                             "epochs", "data"})
-DATA_FINGERPRINT = "data_fingerprint"  # the key a checkpoint's config stores it under
+                             "epochs", "data", "mesh"})
+DATA_FINGERPRINT = "data_fingerprint"  # the key a checkpoint's metadata stores it under
+GRAPH_FINGERPRINT = "graph_fingerprint"  # likewise, of the SEvo graph (None without SEvo)
 
 
 def resume_conflicts(saved_config: dict, new_config: dict, epochs_done: int | None = None) -> list[str]:
@@ -597,18 +594,6 @@ def _same_path(a: str | None, b: str | None) -> bool:
     return a == b or Path(a).resolve() == Path(b).resolve()
 
 
-def load_checkpoint(path: Path, params, opt_state, config: dict):
-    """Restore into the given templates; ``resume_conflicts`` between the checkpoint's config
-    and ``config`` raise :class:`ResumeError`."""
-    meta = json.loads(path.with_suffix(".json").read_text())
-    conflicts = resume_conflicts(meta["config"], config, meta["progress"]["epoch"])
-    if conflicts:
-        raise ResumeError(f"cannot resume {path}: {'; '.join(conflicts)}")
-    template = {"params": params, "opt_state": opt_state, "best_params": params}
-    state = flax.serialization.from_bytes(template, path.read_bytes())
-    return state["params"], state["opt_state"], state["best_params"], Progress(**meta["progress"])
-
-
 # ---- the loop -------------------------------------------------------------------------------------
 
 
@@ -642,7 +627,9 @@ def _complete_lines(path: Path) -> tuple[list[str], str | None]:
 
 
 # What a run writes to its folder; a folder holding any of them is in use (see ``fit``).
-RUN_FILES = ("metrics.jsonl", "results.json", "checkpoint.msgpack", "checkpoint.json")
+CHECKPOINT_DIR = "checkpoints"
+RUN_FILES = ("metrics.jsonl", "results.json", CHECKPOINT_DIR, "checkpoint.msgpack",
+             "checkpoint.json")
 LOCK_FILE = ".sevo-train.lock"
 
 
@@ -670,6 +657,10 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         found = [name for name in RUN_FILES if (out / name).exists()]
+        legacy = out / "checkpoint.msgpack"
+        if resume and not has_checkpoint(out) and legacy.exists():
+            raise ValueError(f"{legacy} was written by a sevo_jax before Orbax checkpoints and "
+                             "cannot be resumed; rerun with --overwrite or in a new --out")
         if resume and not has_checkpoint(out):
             held = f" (it holds {', '.join(found)}; --overwrite starts again)" if found else ""
             raise ValueError(f"cannot resume: {out} holds no checkpoint{held}")
@@ -678,7 +669,8 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
                 raise ValueError(f"{out} already holds a run ({', '.join(found)}); pass --resume "
                                  "to continue it or --overwrite to replace it")
             for name in found:
-                (out / name).unlink()
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
             log(f"overwrite: deleted {', '.join(found)} from {out}")
         yield
     except BaseException:
@@ -691,11 +683,17 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
         os.close(fd)
 
 
+def _device_copy(tree: Any) -> Any:
+    """A copy of a pytree of device arrays, same shardings (the train step donates its input)."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
 def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         dataset: data_lib.SequenceDataset | None = None, log: Callable[[str], None] = print) -> dict:
     """Train, validate every ``eval_every`` epochs, stop early on validation NDCG@10, and test
-    the best checkpoint. Writes ``metrics.jsonl``, ``checkpoint.msgpack`` and ``results.json``
-    to ``config.out`` and returns the results dict.
+    the best parameters. Writes ``metrics.jsonl``, ``checkpoints/`` (``sevo_jax.checkpoint``:
+    one atomic step per evaluation, the latest and the best kept) and ``results.json`` to
+    ``config.out`` and returns the results dict.
 
     ``config.out`` is locked for the run. A folder that already holds a run is refused unless
     ``resume`` (continue it: it must hold a checkpoint) or ``overwrite`` (delete it first).
@@ -721,42 +719,51 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
         config.format, config.data, cache_dir=config.cache_dir, kcore=config.kcore,
         keep_duplicates=config.keep_duplicates)
     cfg_dict = dataclasses.asdict(config)
-    ckpt_config = cfg_dict | {DATA_FINGERPRINT: ds.fingerprint()}
+    data_fingerprint = ds.fingerprint()
+    ckpt_config = cfg_dict | {DATA_FINGERPRINT: data_fingerprint}
     stats = ds.stats()
     log(f"data {ds.name}: {stats['users']} users, {stats['items']} items, "
         f"{stats['interactions']} interactions; dropped {stats['duplicates_dropped']} duplicate "
         f"rows and {stats['users_dropped']} users with too few interactions")
 
-    model, optimizer, params, opt_state = init_training(config, ds, plan)
+    adjacency = build_graph(config, ds) if config.optimizer.startswith("sevo") else None
+    model, optimizer, params, opt_state = init_training(config, ds, plan, adjacency)
     examples = training_examples(config, ds)
     if not (examples.arrays[examples.target_key] != 0).any():
         raise data_lib.DataError(
             f"{config.data or ds.name}: no training example for {config.model}: no user has 2 "
             "training items (4 interactions: 2 to train on, a validation and a test item)")
     sampler = NegativeSampler(ds)
-    best_params = sharding_lib.to_host(params)
+    best_params = _device_copy(params)
     progress = Progress()
     shardings = None if plan is None else plan.step_shardings(params, opt_state)
     writer = plan is None or jax.process_index() == 0  # several hosts: process 0 writes
 
-    ckpt = out / "checkpoint.msgpack"
+    checkpoints = checkpoint_lib.RunCheckpoints(out / CHECKPOINT_DIR)
+    run_meta = {"config": cfg_dict, DATA_FINGERPRINT: data_fingerprint,
+                GRAPH_FINGERPRINT: None if adjacency is None
+                else checkpoint_lib.graph_fingerprint(adjacency)}
     log_path = out / "metrics.jsonl"
     if resume:
-        try:
-            params, opt_state, best_params, progress = load_checkpoint(
-                ckpt, params, opt_state, ckpt_config)
-        except ResumeError:
-            raise
-        except Exception as e:  # whatever the format's reader raises: name the file
-            raise ValueError(f"cannot read checkpoint {ckpt}: {type(e).__name__}: "
-                             f"{' '.join(str(e).split())}") from e
-        if plan is not None:
-            params, opt_state = plan.put((params, opt_state), (shardings.params, shardings.opt_state))
+        epoch = checkpoints.latest_epoch()
+        meta = checkpoints.read_meta(epoch)
+        saved = meta.get("config", {}) | {DATA_FINGERPRINT: meta.get(DATA_FINGERPRINT)}
+        conflicts = resume_conflicts(saved, ckpt_config, meta.get("progress", {}).get("epoch"))
+        if meta.get(GRAPH_FINGERPRINT) != run_meta[GRAPH_FINGERPRINT]:
+            conflicts.append("the SEvo graph differs from the one it was trained on "
+                             f"({GRAPH_FINGERPRINT} {str(meta.get(GRAPH_FINGERPRINT))[:12]} in "
+                             f"the checkpoint, {str(run_meta[GRAPH_FINGERPRINT])[:12]} now)")
+        if conflicts:
+            raise ResumeError(f"cannot resume {checkpoints.step_path(epoch)}: {'; '.join(conflicts)}")
+        template = {"params": params, "opt_state": opt_state, "best_params": params}
+        state, meta = checkpoints.restore(template, epoch)
+        params, opt_state, best_params = state["params"], state["opt_state"], state["best_params"]
+        progress = Progress(**meta["progress"])
         lines, cut = _complete_lines(log_path)
         kept = [line for line in lines if _epoch_of(line) <= progress.epoch]
         if writer:
             _write_atomic(log_path, "".join(line + "\n" for line in kept).encode())
-        notes = [f"resumed from {ckpt} after epoch {progress.epoch}"]
+        notes = [f"resumed from {checkpoints.step_path(epoch)} after epoch {progress.epoch}"]
         if cut is not None:
             notes.append(f"dropped the cut-short last line of {log_path}: {cut[:60]!r}")
         if len(kept) < len(lines):
@@ -795,7 +802,7 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
             if valid["NDCG@10"] > progress.best_score:
                 progress.best_score, progress.best_epoch, progress.best_valid = valid["NDCG@10"], epoch, valid
                 progress.evals_since_best = 0
-                best_params = sharding_lib.to_host(params)
+                best_params = _device_copy(params)
             else:
                 progress.evals_since_best += 1
             stopped = progress.stopped(config.patience)
@@ -805,18 +812,19 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if "valid" in record:
-            host_params, host_state = sharding_lib.to_host((params, opt_state))
-            if writer:
-                save_checkpoint(ckpt, host_params, host_state, best_params, progress, ckpt_config)
+            checkpoints.save(epoch, {"params": params, "opt_state": opt_state,
+                                     "best_params": best_params},
+                             {**run_meta, "progress": dataclasses.asdict(progress),
+                              "rng": {"seed": config.seed, "next_epoch": epoch + 1}},
+                             score=valid["NDCG@10"])
         bar.update(record, progress)
     bar.close()
+    checkpoints.close()
 
-    if plan is not None:
-        best_params = plan.put(best_params, shardings.params)
     test = evaluate(config, scorer, best_params, ds, "test", plan)
     results = {"valid": progress.best_valid, "test": test, "best_epoch": progress.best_epoch,
                "epochs_run": progress.epoch, "config": cfg_dict,
-               "data": stats | {"fingerprint": ckpt_config[DATA_FINGERPRINT]}}
+               "data": stats | {"fingerprint": data_fingerprint}}
     if writer:
         _write_atomic(out / "results.json", json.dumps(results, indent=2).encode())
     return results

@@ -142,7 +142,7 @@ def check_one_step_equals_unsharded():
 
 def check_fit_matches_unsharded():
     """(4) fit with mesh data=8 for one epoch == the unsharded fit (same seed); (3) uneven
-    rows; checkpoint/resume of a sharded run."""
+    rows; checkpoint/resume of a sharded run, also under another mesh."""
     jax, ds = _setup()
     import tempfile
 
@@ -165,25 +165,24 @@ def check_fit_matches_unsharded():
     assert got["config"]["mesh"] == "data=8" and ref["config"]["mesh"] is None
 
     # the checkpoint holds the padded table; the padding row never moved from zero
+    from sevo_jax import checkpoint
+
     plan = training.mesh_plan(cfg)
-    _, _, params, state = training.init_training(cfg.resolved(), ds, plan)
-    restored, _, _, progress = training.load_checkpoint(
-        tmp / "sharded" / "checkpoint.msgpack", params, state,
-        json.loads((tmp / "sharded" / "checkpoint.json").read_text())["config"])
-    table = np.asarray(restored["item_embedding"]["embedding"])
-    assert table.shape == (152, 16) and not table[151:].any() and progress.epoch == 1
+    resolved = cfg.resolved()
+    _, _, params, state = training.init_training(resolved, ds, plan)
+    ckpts = checkpoint.RunCheckpoints(tmp / "sharded" / "checkpoints")
+    restored, meta = ckpts.restore({"params": params, "opt_state": state, "best_params": params})
+    table = np.asarray(restored["params"]["item_embedding"]["embedding"])
+    assert table.shape == (152, 16) and not table[151:].any() and meta["progress"]["epoch"] == 1
 
     # resume: nothing left to train, the test split is re-evaluated from the checkpoint
     again = training.fit(cfg, dataset=ds, resume=True, log=lambda s: None)
     assert again["test"] == got["test"] and again["valid"] == got["valid"]
-    # a different mesh cannot resume this checkpoint
-    try:
-        training.fit(training.TrainConfig(out=str(tmp / "sharded"), mesh="data=4", **base),
-                     dataset=ds, resume=True, log=lambda s: None)
-    except ValueError as e:
-        assert "mesh" in str(e), e
-    else:
-        raise AssertionError("resumed with another mesh")
+    # another mesh resumes it too (tests/test_checkpoint.py checks the values)
+    other = training.fit(training.TrainConfig(out=str(tmp / "sharded"), mesh="data=4", **base),
+                         dataset=ds, resume=True, log=lambda s: None)
+    for k, v in got["test"].items():
+        assert abs(other["test"][k] - v) <= 1.0 / 120 + 1e-9, (k, other["test"], got["test"])
 
 
 def check_mesh_smaller_than_device_count():

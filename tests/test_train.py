@@ -139,9 +139,12 @@ def test_a_used_out_is_refused_unless_overwrite(capsys, tmp_path, tiny_csv):
     out = tmp_path / "o"
     base = ["--data", tiny_csv, "--epochs", "1", *TINY, "--out", out]
     assert _run(capsys, *base)[0] == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    def contents():
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = contents()
     _fails(capsys, base, f"{out} already holds a run", "metrics.jsonl", "--overwrite", "--resume")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    assert contents() == before  # nothing touched
     _fails(capsys, base + ["--resume", "--overwrite"], "exclude each other")
     code, out_text, _ = _run(capsys, *base, "--overwrite", "--seed", "1")
     assert code == 0 and "overwrite: deleted" in out_text
@@ -273,9 +276,11 @@ def test_resume_conflicts():
 def test_a_corrupt_checkpoint_is_named(capsys, tmp_path, tiny_csv):
     base = ["--data", tiny_csv, *TINY, "--out", tmp_path / "o"]
     assert _run(capsys, *base, "--epochs", "1")[0] == 0
-    ckpt = tmp_path / "o" / "checkpoint.msgpack"
-    ckpt.write_bytes(ckpt.read_bytes()[: len(ckpt.read_bytes()) // 2])
-    _fails(capsys, base + ["--epochs", "2", "--resume"], f"cannot read checkpoint {ckpt}: ")
+    step = tmp_path / "o" / "checkpoints" / "1"
+    damaged = max((p for p in step.rglob("*") if p.is_file() and "meta" not in p.parts),
+                  key=lambda p: p.stat().st_size)
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    _fails(capsys, base + ["--epochs", "2", "--resume"], f"checkpoint {step} is corrupt: ")
 
 
 def test_data_errors_name_the_file(capsys, tmp_path):
