@@ -333,7 +333,7 @@ def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
     model = build_model(config, ds, plan.size)
     optimizer = build_optimizer(config, adjacency, plan.mesh)
     opt_state = optimizer.init(params)
-    opt_state = plan.put(opt_state, plan.state_shardings(opt_state, params))
+    opt_state = plan.put(opt_state, plan.state_shardings(opt_state, params, optimizer))
     return model, optimizer, params, opt_state
 
 
@@ -518,7 +518,7 @@ def fit(config: TrainConfig, *, resume: bool = False, dataset: data_lib.Sequence
     sampler = NegativeSampler(ds)
     best_params = sharding_lib.to_host(params)
     progress = Progress()
-    shardings = None if plan is None else plan.step_shardings(params, opt_state)
+    shardings = None if plan is None else plan.step_shardings(params, opt_state, optimizer)
     writer = plan is None or jax.process_index() == 0  # several hosts: process 0 writes
 
     ckpt = out / "checkpoint.msgpack"

@@ -59,9 +59,9 @@ def _close(got, ref, tol=2e-6, msg=""):
 def _psi_jit(beta, num_layers, approx, impl=None):
     import jax
 
-    from sevo_jax import sharding as sh
+    import sevo_jax as sj
 
-    return jax.jit(lambda g, x: sh.propagate_sharded(g, x, beta, num_layers, approx, impl=impl))
+    return jax.jit(lambda g, x: sj.propagate(g, x, beta, num_layers, approx, impl=impl))
 
 
 def _row_sharded(x, mesh, axis="x"):
@@ -76,17 +76,18 @@ def check_psi_every_approx():
     import jax.numpy as jnp
 
     import sevo_jax as sj
+    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     mesh = _mesh()
     n = 24  # n not dividing 8: check_uneven_no_leak
     a = graph(n, seed=n)
     ng = sj.as_normalized_graph(a)
-    g = sh.shard_graph(a, mesh, "x")
+    g = osh.shard_graph(a, mesh, "x")
     x = jnp.asarray(np.random.default_rng(n).standard_normal((n, 3)), jnp.float32)
     cases = [("segment_sum", 0.9, 3), ("segment_sum", 0.99, 2), ("segment_sum", 0.5, 0)]
     cases += [("bcoo", 0.9, 3), ("chunked", 0.9, 3), ("chunked", 0.99, 2)]
-    sj.smoothing.MATMUL_CHUNK = 5  # several chunks per device even on this small graph
+    sj.operator.MATMUL_CHUNK = 5  # several chunks per device even on this small graph
     for approx in sj.APPROXIMATIONS:
         for impl, beta, num_layers in cases:
             got = _psi_jit(beta, num_layers, approx, impl)(g, x)
@@ -101,6 +102,7 @@ def check_update_is_row_sharded():
     from jax.sharding import NamedSharding, PartitionSpec
 
     import sevo_jax as sj
+    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     n = 32
@@ -113,7 +115,7 @@ def check_update_is_row_sharded():
         params = {"emb": table, "bias": jnp.ones((3,))}
         opt = sj.sevo_smooth(a, 0.9, 3, mask={"emb": True, "bias": False}, mesh=mesh, axis_name="x")
         state = opt.init(params)
-        assert isinstance(state.graph, sh.ShardedGraph), state
+        assert isinstance(state.graph, osh.ShardedGraph), state
         graph_sharding = NamedSharding(mesh, PartitionSpec("x"))
         assert state.graph.weights.sharding.is_equivalent_to(graph_sharding, 2)
         out, _ = jax.jit(opt.update)(params, state)
@@ -129,19 +131,20 @@ def check_uneven_no_leak():
     import jax.numpy as jnp
 
     import sevo_jax as sj
+    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     mesh = _mesh("auto")
     for n, density in ((13, 0.4), (1001, 0.01)):
         a = graph(n, seed=3, density=density, isolated=(0, n - 1))
         ng = sj.as_normalized_graph(a)
-        g = sh.shard_graph(a, mesh, "x")
+        g = osh.shard_graph(a, mesh, "x")
         x = np.random.default_rng(2).standard_normal((n, 5)).astype(np.float32)
         # node 0 is isolated and sits at gathered position 0, the column every padding edge
         # reads: a non-finite value there must stay in its own row
         x[0] = np.nan
-        sj.smoothing.MATMUL_CHUNK = 3
-        for impl in sj.smoothing.MATMUL_IMPLS:
+        sj.operator.MATMUL_CHUNK = 3
+        for impl in sj.operator.MATMUL_IMPLS:
             for approx in sj.APPROXIMATIONS:
                 got = np.asarray(_psi_jit(0.95, 3, approx, impl)(g, x))
                 assert got.shape == (n, 5)
@@ -156,6 +159,7 @@ def check_joint_tables():
     import jax.numpy as jnp
 
     import sevo_jax as sj
+    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     for n_users, n_items, kind in ((16, 24, "explicit"), (16, 24, "auto"), (11, 21, "explicit")):
@@ -190,6 +194,7 @@ def check_adamw_ten_steps():
     import optax
 
     import sevo_jax as sj
+    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     n_users, n_items = 8, 24
@@ -248,6 +253,7 @@ def check_two_axis_mesh():
     import jax.numpy as jnp
 
     import sevo_jax as sj
+    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     n = 20
@@ -346,6 +352,7 @@ def test_one_device_mesh_in_process():
     import numpy as np
 
     import sevo_jax as sj
+    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     rng = np.random.default_rng(1)
@@ -358,7 +365,7 @@ def test_one_device_mesh_in_process():
     opt = sj.sevo_adamw(1e-2, a, mesh=mesh, axis_name="x")
     ref_opt = sj.sevo_adamw(1e-2, a)
     state, ref_state = opt.init(params), ref_opt.init(params)
-    assert isinstance(state[1].graph, sh.ShardedGraph)
+    assert isinstance(state[1].graph, osh.ShardedGraph)
     g = jax.tree.map(lambda p: jnp.ones_like(p) * 0.3, params)
     upd, _ = jax.jit(opt.update)(g, state, params)
     ref, _ = ref_opt.update(g, ref_state, params)
@@ -374,23 +381,26 @@ def test_prebuilt_sharded_graph_and_serialization():
     import numpy as np
 
     import sevo_jax as sj
+    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     rng = np.random.default_rng(2)
     a = rng.random((7, 7)) * (rng.random((7, 7)) < 0.5)
     a = np.triu(a, 1) + np.triu(a, 1).T
     mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
-    g = sh.shard_graph(sj.as_normalized_graph(a), mesh, "x", segments=(3, 4))
+    g = osh.shard_graph(sj.as_normalized_graph(a), mesh, "x", segments=(3, 4))
     assert g.num_nodes == 7 and g.nnz == int((a != 0).sum())
     params = (jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
               jnp.asarray(rng.standard_normal((4, 2)), jnp.float32))
     opt = sj.sevo_smooth(g, 0.9, 2)
     state = opt.init(params)
-    assert state.graph is g
+    assert state.graph.fingerprint == g.fingerprint and state.graph.weights is not g.weights
     out, _ = opt.update(params, state)
     ref, _ = sj.sevo_smooth(a, 0.9, 2).update(params, sj.sevo_smooth(a, 0.9, 2).init(params))
     for o, r in zip(out, ref):
         np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-6, atol=1e-7)
+    # the checkpoint carries the graph's fingerprint only; restoring keeps the template's arrays
+    assert flax.serialization.to_state_dict(state)["graph"] == {"fingerprint": g.fingerprint}
     restored = flax.serialization.from_state_dict(state, flax.serialization.to_state_dict(state))
     np.testing.assert_array_equal(np.asarray(restored.graph.weights), np.asarray(g.weights))
     with pytest.raises(ValueError, match="built for tables"):
@@ -402,6 +412,7 @@ def test_errors_in_process():
     import numpy as np
 
     import sevo_jax as sj
+    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     a = np.ones((4, 4)) - np.eye(4)
@@ -415,7 +426,7 @@ def test_errors_in_process():
     with pytest.raises(TypeError, match="Mesh"):
         sj.sevo_smooth(a, mesh="x", axis_name="x")
     with pytest.raises(ValueError, match="segments"):
-        sh.shard_graph(a, mesh, "x", segments=(2, 3))
+        osh.shard_graph(a, mesh, "x", segments=(2, 3))
 
 
 if __name__ == "__main__":
