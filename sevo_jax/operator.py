@@ -496,6 +496,12 @@ def normalized_scipy(adjacency: Any) -> sp.csr_matrix:
     """
     if isinstance(adjacency, NormalizedGraph):
         return adjacency.to_scipy()
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(adjacency)):
+        raise TypeError(
+            "adjacency is a traced array: optax.inject_hyperparams injects numpy/JAX arrays as "
+            "hyperparameters; pass a scipy.sparse matrix or a NormalizedGraph "
+            "(sevo_jax.as_normalized_graph(A)), or static_args=('adjacency',)"
+        )
     if isinstance(adjacency, jsparse.BCOO):
         if adjacency.n_batch or adjacency.n_dense or adjacency.ndim != 2:
             raise ValueError(

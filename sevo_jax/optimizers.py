@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sevo_jax.transform import MaskOrFn, has_leaves, mask_flags, mask_tree, sevo_smooth
@@ -88,9 +89,8 @@ def scale_by_adam_corrected(
       >>> state = tx.init(params)
       >>> u, state = tx.update({"emb": jnp.array([[1.0], [1.0]])}, state)
       >>> u, state = tx.update({"emb": jnp.array([[0.0], [1.0]])}, state)
-      >>> u["emb"]   # the absent row 0 keeps moving with its moments (plain Adam: ~0.69)
-      Array([[1.],
-             [1.]], dtype=float32)
+      >>> np.asarray(u["emb"], float).round(4).tolist()   # absent row 0 keeps its moments' direction
+      [[1.0], [1.0]]
     """
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
@@ -153,7 +153,7 @@ def adamw_corrected(
       >>> opt = adamw_corrected(0.1, weight_decay=0.5, mask={"emb": True, "bias": False},
       ...                       decay_mask={"emb": True, "bias": False})
       >>> u, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
-      >>> float(u["emb"][0, 0]), float(u["bias"][0])   # decay on the table only
+      >>> round(float(u["emb"][0, 0]), 6), abs(float(u["bias"][0]))   # decay on the table only
       (-0.05, 0.0)
     """
     return optax.chain(
@@ -188,19 +188,19 @@ def sevo_adamw(
     across a mesh axis; likewise in ``sevo_adam`` and ``sevo_sgd``.
 
     Examples:
-      >>> import optax
-      >>> a = np.array([[0.0, 1.0], [1.0, 0.0]])
-      >>> opt = optax.inject_hyperparams(sevo_adamw)(learning_rate=0.1, adjacency=a, beta=0.5)
+      >>> import optax, scipy.sparse as sp
+      >>> a = sp.csr_matrix(np.array([[0.0, 1.0], [1.0, 0.0]]))  # sparse: not a hyperparameter
+      >>> opt = optax.inject_hyperparams(sevo_adamw)(learning_rate=0.1, adjacency=a, beta=0.5,
+      ...                                            num_layers=1, weight_decay=0.0)
       >>> params = {"emb": jnp.zeros((2, 1))}
       >>> state = opt.init(params)
       >>> u, state = jax.jit(opt.update)({"emb": jnp.array([[1.0], [0.0]])}, state, params)
-      >>> u["emb"]   # Adam gives (-0.1, 0) on rows (0, 1); psi with beta 0.5 mixes them
-      Array([[-0.06666667],
-             [-0.03333333]], dtype=float32)
-      >>> state.hyperparams["beta"] = 0.0                # psi is now the identity
+      >>> np.asarray(u["emb"], float).round(4).tolist()   # Adam: (-0.1, 0); psi mixes the rows
+      [[-0.0667], [-0.0333]]
+      >>> state.hyperparams["beta"] = 0.0   # psi is now the identity
       >>> u, state = jax.jit(opt.update)({"emb": jnp.array([[1.0], [0.0]])}, state, params)
-      >>> bool(u["emb"][1, 0] == 0.0)
-      True
+      >>> np.asarray(u["emb"], float).round(4).tolist()
+      [[-0.1], [-0.0]]
     """
     return optax.chain(
         scale_by_adam_corrected(b1, b2, eps, mask=mask, mu_dtype=mu_dtype),
@@ -237,9 +237,8 @@ def sevo_adam(
       >>> opt = sevo_adam(0.1, np.array([[0.0, 1.0], [1.0, 0.0]]), beta=0.0)
       >>> params = {"emb": jnp.zeros((2, 1))}
       >>> u, _ = opt.update({"emb": jnp.array([[1.0], [-1.0]])}, opt.init(params), params)
-      >>> u["emb"]
-      Array([[-0.1],
-             [ 0.1]], dtype=float32)
+      >>> np.asarray(u["emb"], float).round(4).tolist()
+      [[-0.1], [0.1]]
     """
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
@@ -273,9 +272,8 @@ def sevo_sgd(
       >>> opt = sevo_sgd(1.0, np.array([[0.0, 1.0], [1.0, 0.0]]), beta=0.5, num_layers=1)
       >>> params = {"emb": jnp.zeros((2, 1))}
       >>> u, _ = opt.update({"emb": jnp.array([[3.0], [0.0]])}, opt.init(params), params)
-      >>> u["emb"]
-      Array([[-2.],
-             [-1.]], dtype=float32)
+      >>> np.asarray(u["emb"], float).round(4).tolist()
+      [[-2.0], [-1.0]]
     """
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),

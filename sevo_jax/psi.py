@@ -171,12 +171,12 @@ def propagate(
     Examples:
       >>> from sevo_jax.operator import as_normalized_graph
       >>> g = as_normalized_graph(np.array([[0.0, 1.0], [1.0, 0.0]]))
-      >>> propagate(g, jnp.array([[1.0], [0.0]]), beta=0.5, num_layers=1)
-      Array([[0.6666667],
-             [0.3333333]], dtype=float32)
-      >>> propagate(g, jnp.array([[jnp.nan], [1.0]]), beta=0.5, num_layers=1)  # NaN stays put
-      Array([[nan],
-             [0.6666667]], dtype=float32)
+      >>> y = propagate(g, jnp.array([[1.0], [0.0]]), beta=0.5, num_layers=1)
+      >>> np.asarray(y, float).round(4).tolist()
+      [[0.6667], [0.3333]]
+      >>> y = propagate(g, jnp.array([[jnp.nan], [1.0]]), beta=0.5, num_layers=1)
+      >>> np.asarray(y, float).round(4).tolist()   # the NaN row stays in its row
+      [[nan], [0.6667]]
     """
     check_hyperparameters(beta, num_layers, approx)
     check_impl(impl)

@@ -296,6 +296,58 @@ def check_bad_axis_name():
         raise AssertionError("no ValueError for 15 rows on a 16-node graph")
 
 
+def check_state_survives_generic_tree_ops():
+    """Sharded state: a zeros_like reset and a bfloat16 cast are repaired (each device
+    re-uploads its own block), a donated state leaves init and other optimizers intact, and
+    tree_map_params derives the moments' shardings."""
+    jax, np, graph = _setup()
+    import jax.numpy as jnp
+    import optax
+
+    import sevo_jax as sj
+    from sevo_jax import sharding as sh
+
+    n = 16
+    a = graph(n, seed=11)
+    mesh = _mesh("auto")
+    rows = sh.row_sharding(mesh, "x")
+    rng = np.random.default_rng(4)
+    params = {"emb": jax.device_put(jnp.asarray(rng.standard_normal((n, 3)), jnp.float32), rows),
+              "w": jnp.ones((2,))}
+    grads = jax.tree.map(lambda p: 0.1 * p, params)
+    mask = {"emb": True, "w": False}
+    opt = sj.sevo_adamw(1e-2, a, mask=mask, mesh=mesh, axis_name="x")
+    step = jax.jit(opt.update)
+    fresh_update, _ = step(grads, opt.init(params), params)
+    state = opt.init(params)
+    for _ in range(2):
+        _, state = step(grads, state, params)
+    reset = jax.tree.map(jnp.zeros_like, state)
+    assert not bool(reset[1].graph.is_intact())
+    u, repaired = step(grads, reset, params)
+    _close(u["emb"], fresh_update["emb"], 0)
+    assert bool(repaired[1].graph.is_intact())
+    smooth = sj.sevo_smooth(a, mask=mask, mesh=mesh, axis_name="x")
+    ref, _ = smooth.update(grads, smooth.init(params))
+    cast = optax.tree.cast(smooth.init(params), jnp.bfloat16)
+    got, fixed = jax.jit(smooth.update)(grads, cast)
+    _close(got["emb"], ref["emb"], 0)
+    assert fixed.graph.indices.dtype == jnp.int32 and bool(fixed.graph.is_intact())
+    donated = jax.jit(opt.update, donate_argnums=1)
+    s = opt.init(params)
+    for _ in range(2):
+        _, s = donated(grads, s, params)
+    other = sj.sevo_adamw(1e-2, a, mask=mask, mesh=mesh, axis_name="x")
+    u1, _ = step(grads, opt.init(params), params)
+    u2, _ = jax.jit(other.update)(grads, other.init(params), params)
+    _close(u1["emb"], fresh_update["emb"], 0)
+    _close(u2["emb"], fresh_update["emb"], 0)
+    plan = sh.MeshPlan(mesh, lambda p: mask)
+    shardings = plan.state_shardings(state, params, opt)
+    assert shardings[0].mu["emb"] == rows and shardings[0].count == plan.replicated
+    assert shardings[1].graph.weights.spec == state[1].graph.weights.sharding.spec
+
+
 CHECKS = helpers.collect_checks(globals())
 
 
