@@ -8,6 +8,9 @@ optimizer and ``jax.jit(opt.update)``:
 * ``compile``: ``lower(...).compile()`` with the state passed as an argument (how a train step
   receives it);
 * ``steady``: median of ``--repeats`` calls of the compiled update (not donated);
+* ``reset``: one call on ``jax.tree.map(jnp.zeros_like, state)`` and the max relative error of
+  its update against a fresh state's (the old design is silently wrong; the new one pays one
+  host-to-device upload of the graph in that step);
 * ``donated``: the same with ``donate_argnums=1`` (each call consumes the previous state), when
   the version supports it (the old one deletes the graph it shares with ``init``: reported as
   ``failed``).
@@ -16,6 +19,7 @@ Usage::
 
     python benchmarks/bench_state_design.py --num-nodes 100000 --nnz 2e6
     python benchmarks/bench_state_design.py --pythonpath /tmp/before:. --rounds 2
+    python benchmarks/bench_state_design.py --overhead --rounds 5   # the check's own cost
 """
 
 from __future__ import annotations
@@ -41,8 +45,15 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--pythonpath", default=None,
                    help="colon-separated library roots to compare, each in its own subprocess")
+    p.add_argument("--overhead", action="store_true",
+                   help="in ONE process, psi with the graph as a plain argument vs psi with the "
+                        "cache check and repair (new library only), interleaved --rounds times")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one round (seconds)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.num_nodes, args.nnz, args.rounds, args.repeats = 2_000, 20_000, 1, 2
+    return args
 
 
 def child(args) -> dict:
@@ -74,6 +85,18 @@ def child(args) -> dict:
         times.append(time.perf_counter() - t)
     out["steady_s"] = statistics.median(times)
 
+    # a generic reset: the old design smooths with a zeroed graph (psi becomes c * X), the new
+    # one repairs the graph from the host in this one step
+    fresh_update, _ = compiled(grads, opt.init(params), params)
+    reset = jax.tree.map(jnp.zeros_like, opt.init(params))
+    jax.block_until_ready(reset)
+    t = time.perf_counter()
+    reset_update, _ = compiled(grads, reset, params)
+    jax.block_until_ready(reset_update)
+    out["reset_step_s"] = time.perf_counter() - t
+    ref = np.asarray(fresh_update["emb"])
+    out["reset_rel_err"] = float(np.abs(np.asarray(reset_update["emb"]) - ref).max() / np.abs(ref).max())
+
     try:
         donated = jax.jit(opt.update, donate_argnums=1)
         state = opt.init(params)
@@ -93,8 +116,49 @@ def child(args) -> dict:
     return out
 
 
+def overhead(args) -> None:
+    """The state design's own cost, side by side in one process: ``repaired()`` (trace-time
+    dtype check, tag compare, ``lax.cond`` with the intact graph as output) around psi."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import _util
+    import graphs as graph_gen
+    import sevo_jax as sj
+
+    g = sj.as_normalized_graph(graph_gen.uniform_graph(args.num_nodes, args.nnz, 0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((args.num_nodes, args.d)), jnp.float32)
+    variants = {
+        "graph as argument (no check)": lambda g, x: (sj.propagate(g, x), g),
+        "checked + repaired graph": lambda g, x: (lambda r: (sj.propagate(r, x), r))(g.repaired()),
+    }
+    res = {k: {"compile": [], "steady": []} for k in variants}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fresh = lambda g, x, fn=fn: fn(g, x)  # noqa: E731  (a new function: no cache hit)
+            compiled = jax.jit(fresh).lower(g, x).compile()
+            res[name]["compile"].append(time.perf_counter() - t)
+            jax.block_until_ready(compiled(g, x))
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                jax.block_until_ready(compiled(g, x))
+                res[name]["steady"].append(time.perf_counter() - t)
+    print(f"Machine: {_util.machine_line(_util.machine_info())}\n")
+    print(f"psi (neumann, L=3) of a {args.num_nodes} x {args.d} table, uniform graph {args.nnz} nnz, "
+          f"{args.rounds} interleaved rounds x {args.repeats} calls\n")
+    print(_util.markdown_table(
+        ["variant", "compile (median)", "steady call (median)"],
+        [[k, f"{statistics.median(v['compile']):.3f} s", f"{statistics.median(v['steady']):.3f} s"]
+         for k, v in res.items()]))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.overhead:
+        overhead(args)
+        return
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -121,9 +185,9 @@ def main(argv=None):
     fmt = lambda v: f"{v:.3f} s" if isinstance(v, float) else str(v)
     print(_util.markdown_table(
         ["library", "round", "compile (lower+compile)", f"steady update (median of {args.repeats})",
-         "donated update (median)"],
-        [[x["root"], x["round"], fmt(x["compile_s"]), fmt(x["steady_s"]), fmt(x["donated_s"])]
-         for x in rows]))
+         "update after a zeros_like reset", "its max rel. error", "donated update (median)"],
+        [[x["root"], x["round"], fmt(x["compile_s"]), fmt(x["steady_s"]), fmt(x["reset_step_s"]),
+          f"{x['reset_rel_err']:.1e}", fmt(x["donated_s"])] for x in rows]))
 
 
 if __name__ == "__main__":

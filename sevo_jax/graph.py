@@ -17,12 +17,12 @@ import numpy as np
 import scipy.sparse as sp
 
 __all__ = [
-    "cooccurrence_graph",
-    "user_item_graph",
     "category_graph",
-    "edge_list_graph",
+    "cooccurrence_graph",
     "csr_row_ids",
+    "edge_list_graph",
     "normalize",
+    "user_item_graph",
     "validate_adjacency",
 ]
 

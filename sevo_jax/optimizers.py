@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import numpy as np  # noqa: F401  (the Examples use it)
 import optax
 
 from sevo_jax.transform import MaskOrFn, has_leaves, mask_flags, mask_tree, sevo_smooth

@@ -76,7 +76,7 @@ def check_hyperparameters(beta: Any, num_layers: Any, approx: str) -> None:
     if approx not in APPROXIMATIONS:
         raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
     for name, value, kinds in (("beta", beta, "fiu"), ("num_layers", num_layers, "iu")):
-        if isinstance(value, bool) or isinstance(value, str):
+        if isinstance(value, (bool, str)):
             raise TypeError(f"{name} must be a {'float in [0, 1)' if name == 'beta' else 'non-negative integer'}, got {value!r}")
         dtype = getattr(value, "dtype", None)
         if dtype is None:

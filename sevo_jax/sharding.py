@@ -234,7 +234,7 @@ class MeshPlan:
 
         return jax.tree_util.tree_map_with_path(pick, opt_state)
 
-    def step_shardings(self, params: Any, opt_state: Any, optimizer: Any = None) -> "StepShardings":
+    def step_shardings(self, params: Any, opt_state: Any, optimizer: Any = None) -> StepShardings:
         """The layout of a train step's arguments and results under this plan."""
         return StepShardings(self.param_shardings(params),
                              self.state_shardings(opt_state, params, optimizer),

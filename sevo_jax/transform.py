@@ -102,8 +102,7 @@ def mask_tree(mask: MaskOrFn, tree: Any) -> Any:
       >>> mask_tree({"a": False}, {"a": (jnp.ones(1), jnp.ones(1))})
       {'a': (False, False)}
     """
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return jax.tree_util.tree_unflatten(treedef, mask_flags(mask, tree))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), mask_flags(mask, tree))
 
 
 def check_selection(tree: Any, flags: list[bool], num_nodes: int) -> None:

@@ -262,7 +262,7 @@ def test_beta_schedule_on_sevo_smooth():
         close(u["emb"], sj.propagate(graph, grads["emb"], float(sched(t)), 3), 1e-5)
 
 
-@pytest.mark.parametrize("bad,needle", [(dict(beta=1.5), "beta"), (dict(num_layers=-1), "num_layers")])
+@pytest.mark.parametrize("bad,needle", [({"beta": 1.5}, "beta"), ({"num_layers": -1}, "num_layers")])
 def test_injected_values_are_validated_when_concrete(bad, needle):
     opt = optax.inject_hyperparams(sj.sevo_adamw)(LR, A, mask=MASK, **bad)
     with pytest.raises(ValueError, match=needle):

@@ -16,7 +16,6 @@ import pytest
 from tests import helpers
 from tests.helpers import NUM_DEVICES
 
-
 # --------------------------------------------------------------------------------------------
 # Checks run in the 8-device subprocess (they import jax lazily).
 # --------------------------------------------------------------------------------------------
@@ -77,7 +76,6 @@ def check_psi_every_approx():
 
     import sevo_jax as sj
     from sevo_jax import operator_sharded as osh
-    from sevo_jax import sharding as sh
 
     mesh = _mesh()
     n = 24  # n not dividing 8: check_uneven_no_leak
@@ -132,7 +130,6 @@ def check_uneven_no_leak():
 
     import sevo_jax as sj
     from sevo_jax import operator_sharded as osh
-    from sevo_jax import sharding as sh
 
     mesh = _mesh("auto")
     for n, density in ((13, 0.4), (1001, 0.01)):
@@ -159,7 +156,6 @@ def check_joint_tables():
     import jax.numpy as jnp
 
     import sevo_jax as sj
-    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     for n_users, n_items, kind in ((16, 24, "explicit"), (16, 24, "auto"), (11, 21, "explicit")):
@@ -194,7 +190,6 @@ def check_adamw_ten_steps():
     import optax
 
     import sevo_jax as sj
-    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     n_users, n_items = 8, 24
@@ -253,7 +248,6 @@ def check_two_axis_mesh():
     import jax.numpy as jnp
 
     import sevo_jax as sj
-    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     n = 20
@@ -405,7 +399,6 @@ def test_one_device_mesh_in_process():
 
     import sevo_jax as sj
     from sevo_jax import operator_sharded as osh
-    from sevo_jax import sharding as sh
 
     rng = np.random.default_rng(1)
     a = rng.random((10, 10)) * (rng.random((10, 10)) < 0.4)
@@ -434,7 +427,6 @@ def test_prebuilt_sharded_graph_and_serialization():
 
     import sevo_jax as sj
     from sevo_jax import operator_sharded as osh
-    from sevo_jax import sharding as sh
 
     rng = np.random.default_rng(2)
     a = rng.random((7, 7)) * (rng.random((7, 7)) < 0.5)
@@ -465,7 +457,6 @@ def test_errors_in_process():
 
     import sevo_jax as sj
     from sevo_jax import operator_sharded as osh
-    from sevo_jax import sharding as sh
 
     a = np.ones((4, 4)) - np.eye(4)
     mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
