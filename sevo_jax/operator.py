@@ -53,9 +53,11 @@ __all__ = [
     "NormalizedGraph",
     "as_normalized_graph",
     "cache_tag",
+    "check_fingerprint",
     "check_impl",
     "default_matmul_impl",
     "fingerprint_arrays",
+    "leaves_match",
     "normalized_scipy",
     "sparse_matmul",
 ]
@@ -63,7 +65,7 @@ __all__ = [
 MATMUL_IMPLS = ("chunked", "segment_sum", "bcoo")
 MATMUL_CHUNK = 16384
 
-RowwiseFn = Callable[[Callable[[jax.Array], jax.Array], jax.Array], jax.Array]
+RowwiseFn = Callable[..., jax.Array]  # (matmul, x, *operands) -> y, row-wise except through matmul
 
 
 def fingerprint_arrays(*arrays: np.ndarray, extra: str = "") -> str:
@@ -107,9 +109,11 @@ class GraphOperator(abc.ABC):
     * ``num_nodes``: rows of ``Ã`` (the stacked tables' total row count); ``nnz``: stored
       non-zeros; ``fingerprint``: host-side content hash (equal graphs, equal strings);
     * ``matmul(y)``: ``Ã @ y`` for ``y`` of shape (num_nodes, d);
-    * ``apply(fn, tables)``: ``fn(matmul, x)`` on the row-wise concatenation ``x`` of
-      ``tables``, split back; ``fn`` may mix rows only through ``matmul`` (a sharded operator
-      runs it on each device's block of rows);
+    * ``apply(fn, tables, operands=())``: ``fn(matmul, x, *operands)`` on the row-wise
+      concatenation ``x`` of ``tables``, split back; ``fn`` may mix rows only through
+      ``matmul`` (a sharded operator runs it on each device's block of rows). ``operands``
+      are scalars (e.g. a traced ``beta``) that ``fn`` needs: pass them here rather than
+      closing over them, so that a sharded operator can hand them to its ``shard_map``;
     * ``fresh()``, ``abstract()``, ``is_intact()``, ``repaired()``: the device cache (module
       docstring).
     """
@@ -127,9 +131,9 @@ class GraphOperator(abc.ABC):
         """``Ã @ y`` for ``y`` of shape (num_nodes, d)."""
 
     @abc.abstractmethod
-    def apply(self, fn: RowwiseFn, tables: Sequence[jax.Array], *,
-              impl: str | None = None) -> list[jax.Array]:
-        """``fn(matmul, concatenate(tables))`` split back into the tables' row counts."""
+    def apply(self, fn: RowwiseFn, tables: Sequence[jax.Array], *, impl: str | None = None,
+              operands: Sequence[Any] = ()) -> list[jax.Array]:
+        """``fn(matmul, concatenate(tables), *operands)`` split back into the tables' row counts."""
 
     @abc.abstractmethod
     def fresh(self) -> GraphOperator:
@@ -357,9 +361,9 @@ class NormalizedGraph(GraphOperator):
         """
         return sparse_matmul(self.indices, self.weights, y, self.num_nodes, impl)
 
-    def apply(self, fn: RowwiseFn, tables: Sequence[jax.Array], *,
-              impl: str | None = None) -> list[jax.Array]:
-        """``fn(matmul, x)`` on the concatenated ``tables``, split back (``GraphOperator``).
+    def apply(self, fn: RowwiseFn, tables: Sequence[jax.Array], *, impl: str | None = None,
+              operands: Sequence[Any] = ()) -> list[jax.Array]:
+        """``fn(matmul, x, *operands)`` on the concatenated ``tables``, split back (``GraphOperator``).
 
         Examples:
           >>> g = as_normalized_graph(np.ones((3, 3)) - np.eye(3))
@@ -369,7 +373,7 @@ class NormalizedGraph(GraphOperator):
         """
         tables = list(tables)
         x = tables[0] if len(tables) == 1 else jnp.concatenate(tables)
-        y = fn(lambda v: self.matmul(v, impl), x)
+        y = fn(lambda v: self.matmul(v, impl), x, *operands)
         if len(tables) == 1:
             return [y]
         return list(jnp.split(y, np.cumsum([t.shape[0] for t in tables])[:-1]))
@@ -434,7 +438,20 @@ class NormalizedGraph(GraphOperator):
 
 
 def check_fingerprint(template: GraphOperator, state: dict) -> GraphOperator:
-    """flax.serialization restore: keep the template's arrays if the fingerprints agree."""
+    """flax.serialization restore of an operator: the template itself, if the fingerprints agree.
+
+    A checkpoint stores ``{"fingerprint": ...}`` for each graph operator; older checkpoints that
+    stored the arrays (no fingerprint) restore to the template's arrays too.
+
+    Examples:
+      >>> g = as_normalized_graph(np.ones((2, 2)))
+      >>> check_fingerprint(g, {"fingerprint": g.fingerprint}) is g
+      True
+      >>> check_fingerprint(g, {"fingerprint": "0" * 24})
+      Traceback (most recent call last):
+      ...
+      ValueError: the checkpoint's SEvo graph (fingerprint 000000000000000000000000) is not this optimizer's graph ...
+    """
     stored = state.get("fingerprint")
     if stored is not None and str(stored) != template.fingerprint:
         raise ValueError(
@@ -459,7 +476,8 @@ def as_normalized_graph(adjacency: Any) -> NormalizedGraph:
     ``jax.experimental.sparse.BCOO``, or a ``NormalizedGraph`` (returned unchanged). The result
     is cached by the identity of ``adjacency`` (while it is alive), so factories called again
     with the same object (``optax.inject_hyperparams`` re-calls them in every update) do not
-    normalise it again.
+    normalise it again; do not modify an adjacency in place after passing it. The operator
+    keeps a host copy of ``Ã`` (12 bytes per non-zero) besides each state's device copy.
 
     Examples:
       >>> g = as_normalized_graph(np.array([[0.0, 2.0], [2.0, 0.0]]))

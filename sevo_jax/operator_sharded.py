@@ -59,7 +59,8 @@ from sevo_jax.operator import (
     sparse_matmul,
 )
 
-__all__ = ["ShardedGraph", "check_axis", "local_sizes", "shard_graph"]
+__all__ = ["ShardedGraph", "check_axis", "device_major_positions", "local_sizes", "shard_graph",
+           "shard_normalized"]
 
 
 def check_axis(mesh: Any, axis_name: Any) -> int:
@@ -239,12 +240,13 @@ class ShardedGraph(GraphOperator):
         )
 
     # -- products ------------------------------------------------------------------------------
-    def apply(self, fn: RowwiseFn, tables: Sequence[jax.Array], *,
-              impl: str | None = None) -> list[jax.Array]:
-        """``fn(matmul, x)`` on the stacked ``tables``, each device on its block of rows.
+    def apply(self, fn: RowwiseFn, tables: Sequence[jax.Array], *, impl: str | None = None,
+              operands: Sequence[Any] = ()) -> list[jax.Array]:
+        """``fn(matmul, x, *operands)`` on the stacked ``tables``, each device on its block of rows.
 
         Inside one ``shard_map``, ``x`` is the device's local blocks of the tables (padded) and
-        ``matmul`` is an ``all_gather`` then the local ``sparse_matmul``. The tables must match
+        ``matmul`` is an ``all_gather`` then the local ``sparse_matmul``; ``operands`` enter the
+        ``shard_map`` replicated (arguments, not closures). The tables must match
         ``segments`` and share their width; each comes back in its dtype, row-sharded when its
         row count is a multiple of ``P``.
 
@@ -280,23 +282,28 @@ class ShardedGraph(GraphOperator):
             padded.append(t)
         splits = list(np.cumsum(local)[:-1])
 
-        def body(idx, w, *blocks):
+        operands = [jnp.asarray(o) for o in operands]
+        num_tables = len(padded)
+
+        def body(idx, w, *args):
             idx, w = idx[0], w[0]
+            blocks, extra = args[:num_tables], args[num_tables:]
             x = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks)
 
             def matmul(y):
                 full = jax.lax.all_gather(y, axis, tiled=True)
                 return sparse_matmul(idx, w, full, n_local, impl)
 
-            y = fn(matmul, x)
+            y = fn(matmul, x, *extra)
             return tuple(jnp.split(y, splits)) if len(blocks) > 1 else (y,)
 
         outs = jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(PSpec(axis), PSpec(axis)) + (rows_spec,) * len(padded),
-            out_specs=(rows_spec,) * len(padded),
-        )(self.indices, self.weights, *padded)
+            in_specs=(PSpec(axis), PSpec(axis)) + (rows_spec,) * num_tables
+            + (PSpec(),) * len(operands),
+            out_specs=(rows_spec,) * num_tables,
+        )(self.indices, self.weights, *padded, *operands)
         result = []
         for o, s, m in zip(outs, self.segments, local):
             if m * num_shards != s:
@@ -421,7 +428,13 @@ def shard_graph(
 def shard_normalized(
     normalized: sp.spmatrix, mesh: Mesh, axis_name: str, segments: Sequence[int] | None
 ) -> ShardedGraph:
-    """``shard_graph`` of an ALREADY-normalised scipy matrix."""
+    """``shard_graph`` of an ALREADY-normalised scipy matrix (no validation, no normalisation).
+
+    Examples:
+      >>> g = shard_normalized(sp.csr_matrix(np.eye(2)), jax.make_mesh((1,), ("x",)), "x", (1, 1))
+      >>> g.segments, g.nnz
+      ((1, 1), 2)
+    """
     num_shards = int(mesh.shape[axis_name])
     a = sp.coo_matrix(normalized)
     n = a.shape[0]

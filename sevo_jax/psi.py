@@ -110,13 +110,12 @@ def psi_coefficients(beta: Any, num_layers: Any, approx: str) -> tuple[Any, Any]
         if approx == "nsa":
             return 1.0, 1.0 - beta
         return 1.0, (1.0 - beta) / (1.0 - beta ** (num_layers + 1))
-    beta = jnp.asarray(beta, jnp.promote_types(jnp.result_type(beta), jnp.float32))
-    one = jnp.ones_like(beta)
+    beta = jnp.asarray(beta).astype(jnp.promote_types(jnp.result_type(beta), jnp.float32))
     if approx == "iterative":
-        return 1.0 - beta, one
+        return 1.0 - beta, 1.0
     if approx == "nsa":
-        return one, 1.0 - beta
-    return one, (1.0 - beta) / (1.0 - beta ** (jnp.asarray(num_layers) + 1).astype(beta.dtype))
+        return 1.0, 1.0 - beta
+    return 1.0, (1.0 - beta) / (1.0 - beta ** (jnp.asarray(num_layers) + 1).astype(beta.dtype))
 
 
 def psi_recursion(
@@ -192,9 +191,14 @@ def propagate(
 def _propagate(graph: GraphOperator, tables: list[jax.Array], beta: Any, num_layers: Any,
                approx: str, impl: str | None) -> list[jax.Array]:
     compute_dtype = jnp.promote_types(jnp.result_type(*tables), jnp.float32)
-    fn = functools.partial(smooth_finite_rows, beta=beta, num_layers=num_layers, approx=approx)
-    out = graph.apply(lambda matmul, x: fn(matmul, x), [t.astype(compute_dtype) for t in tables],
-                      impl=impl)
+    tables_in = [t.astype(compute_dtype) for t in tables]
+    if is_concrete((beta, num_layers)):
+        fn = functools.partial(smooth_finite_rows, beta=beta, num_layers=num_layers, approx=approx)
+        out = graph.apply(lambda matmul, x: fn(matmul, x), tables_in, impl=impl)
+    else:  # traced settings enter as operands (a sharded operator passes them to shard_map)
+        out = graph.apply(
+            lambda matmul, x, b, n: smooth_finite_rows(matmul, x, b, n, approx), tables_in,
+            impl=impl, operands=(jnp.asarray(beta), jnp.asarray(num_layers)))
     return [o.astype(t.dtype) for o, t in zip(out, tables)]
 
 

@@ -162,7 +162,9 @@ def sevo_smooth(
     Args:
       adjacency: the RAW symmetric non-negative adjacency (scipy sparse, numpy array, BCOO),
         or a prebuilt ``NormalizedGraph``/``ShardedGraph``; normalised once, here (and cached by
-        identity, so ``optax.inject_hyperparams`` re-calling this factory costs nothing).
+        identity, so ``optax.inject_hyperparams`` re-calling this factory costs nothing). Under
+        ``inject_hyperparams`` pass a scipy matrix or a ``NormalizedGraph``: Optax injects
+        numpy arrays as hyperparameters (or name it in ``static_args``).
       beta: smoothing strength in [0, 1); 0 is the identity. May be an array or, inside
         ``optax.inject_hyperparams``, traced (a schedule, or ``state.hyperparams["beta"]``);
         the range is checked when the value is concrete.
@@ -173,7 +175,9 @@ def sevo_smooth(
       mask: Optax-style pytree of bools (or a callable of the params returning one) choosing
         the tables to smooth; None selects every leaf.
       mesh, axis_name: row-shard psi over the axis ``axis_name`` of a ``jax.sharding.Mesh``
-        (``sevo_jax.operator_sharded``); None (the default) runs psi on one device.
+        (``sevo_jax.operator_sharded``); None (the default) runs psi on one device. Under
+        ``optax.inject_hyperparams`` name ``"mesh"`` in ``static_args`` (a ``Mesh`` is
+        callable, so Optax would take it for a schedule).
       impl: the sparse product (``sevo_jax.operator.sparse_matmul``): ``"chunked"``,
         ``"segment_sum"`` or ``"bcoo"``; None (the default) picks by backend.
 

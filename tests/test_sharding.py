@@ -336,6 +336,16 @@ def check_state_survives_generic_tree_ops():
     u2, _ = jax.jit(other.update)(grads, other.init(params), params)
     _close(u1["emb"], fresh_update["emb"], 0)
     _close(u2["emb"], fresh_update["emb"], 0)
+    # inject_hyperparams: a beta schedule reaches the shard_map as an operand (a Mesh is
+    # callable, so Optax would take it for a schedule: it goes in static_args)
+    sched = optax.linear_schedule(0.0, 0.9, 3)
+    inj = optax.inject_hyperparams(sj.sevo_smooth, static_args=("mesh",))(
+        a, beta=sched, mask=mask, mesh=mesh, axis_name="x")
+    s = inj.init(params)
+    for t in range(3):
+        u, s = jax.jit(inj.update)(grads, s)
+        ref = sj.propagate(sj.as_normalized_graph(a), grads["emb"], float(sched(t)), 3)
+        _close(u["emb"], ref, 2e-6, f"step {t}")
     plan = sh.MeshPlan(mesh, lambda p: mask)
     shardings = plan.state_shardings(state, params, opt)
     assert shardings[0].mu["emb"] == rows and shardings[0].count == plan.replicated
