@@ -140,6 +140,11 @@ class GraphOperator(abc.ABC):
         """The same operator with NEW device arrays uploaded from the host copy."""
 
     @abc.abstractmethod
+    def uploaded(self) -> GraphOperator:
+        """Leaves fetched from the host copy by ``jax.pure_callback``: what ``fresh`` is inside
+        a trace (``jax.jit(opt.init)``), where ``fresh`` would make the graph a constant."""
+
+    @abc.abstractmethod
     def abstract(self) -> GraphOperator:
         """The same operator with ``jax.ShapeDtypeStruct`` leaves (no device memory)."""
 
@@ -388,6 +393,18 @@ class NormalizedGraph(GraphOperator):
         """
         return NormalizedGraph(self.host, *(jnp.array(x, copy=True) for x in self.host.numpy_leaves()))
 
+    def uploaded(self) -> NormalizedGraph:
+        """The host copy through ``jax.pure_callback`` (no constant when traced).
+
+        Examples:
+          >>> g = as_normalized_graph(np.ones((2, 2)))
+          >>> lowered = jax.jit(lambda: g.uploaded()).lower()
+          >>> bool(jnp.all(lowered.compile()().weights == g.weights))
+          True
+        """
+        return NormalizedGraph(self.host, *jax.pure_callback(self.host.numpy_leaves,
+                                                             self.host.specs()))
+
     def abstract(self) -> NormalizedGraph:
         """``jax.ShapeDtypeStruct`` leaves: the structure of a state without device memory.
 
@@ -425,15 +442,11 @@ class NormalizedGraph(GraphOperator):
           >>> fixed.weights.dtype, bool(fixed.is_intact())
           (dtype('float32'), True)
         """
-        specs = self.host.specs()
-
-        def upload():
-            return jax.pure_callback(self.host.numpy_leaves, specs)
-
         leaves = (self.indices, self.weights, self.tag)
-        if not leaves_match(leaves, specs):
-            return NormalizedGraph(self.host, *upload())
+        if not leaves_match(leaves, self.host.specs()):
+            return self.uploaded()
         intact = self.tag == self.host.tag
+        upload = lambda: tuple(jax.tree.leaves(self.uploaded()))
         return NormalizedGraph(self.host, *jax.lax.cond(intact, lambda: leaves, upload))
 
 

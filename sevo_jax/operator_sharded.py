@@ -343,6 +343,17 @@ class ShardedGraph(GraphOperator):
         return ShardedGraph(self.host, put(self.host.indices), put(self.host.weights),
                             put(self.host.tags))
 
+    def uploaded(self) -> ShardedGraph:
+        """Each device's block through ``jax.pure_callback`` in a ``shard_map`` (no constant
+        when traced, e.g. in ``jax.jit(opt.init)``).
+
+        Examples:
+          >>> g = shard_graph(np.ones((2, 2)), jax.make_mesh((1,), ("x",)), "x")
+          >>> bool(jnp.all(jax.jit(lambda: g.uploaded())().weights == g.weights))
+          True
+        """
+        return self._from_host(None)
+
     def abstract(self) -> ShardedGraph:
         """``jax.ShapeDtypeStruct`` leaves (with their shardings): no device memory."""
         return ShardedGraph(self.host, *self.host.specs())
@@ -372,6 +383,13 @@ class ShardedGraph(GraphOperator):
           >>> bool(jax.jit(lambda g: g.repaired())(jax.tree.map(jnp.zeros_like, g)).is_intact())
           True
         """
+        leaves = (self.indices, self.weights, self.tag)
+        if not leaves_match(leaves, self.host.specs(sharded=False)):
+            return self.uploaded()
+        return self._from_host(leaves)
+
+    def _from_host(self, leaves: tuple | None) -> ShardedGraph:
+        """Blocks from the host: all of them (``leaves`` None), or where the tag is broken."""
         host, axis = self.host, self.axis_name
         block_specs = tuple(jax.ShapeDtypeStruct((1,) + s.shape[1:], s.dtype)
                             for s in host.specs(sharded=False))
@@ -388,8 +406,7 @@ class ShardedGraph(GraphOperator):
             return jax.lax.cond(tag[0] == host.tag, lambda: (idx, w, tag), upload)
 
         specs = (PSpec(axis),) * 3
-        leaves = (self.indices, self.weights, self.tag)
-        if not leaves_match(leaves, host.specs(sharded=False)):
+        if leaves is None:
             out = jax.shard_map(lambda: body(None, None, None), mesh=self.mesh, in_specs=(),
                                 out_specs=specs)()
         else:

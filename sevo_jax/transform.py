@@ -28,7 +28,7 @@ from sevo_jax.operator import (
     normalized_scipy,
 )
 from sevo_jax.operator_sharded import ShardedGraph, check_axis, shard_normalized
-from sevo_jax.psi import check_hyperparameters, propagate
+from sevo_jax.psi import check_hyperparameters, is_concrete, propagate
 
 __all__ = [
     "MaskOrFn",
@@ -221,7 +221,9 @@ def sevo_smooth(
             return SEvoSmoothState(graph=make_graph(None).abstract())
         flags = mask_flags(mask, params)
         check_selection(params, flags, num_nodes)
-        return SEvoSmoothState(graph=make_graph(segments_of(params, flags)).fresh())
+        graph = make_graph(segments_of(params, flags))
+        # under jax.jit(init) the graph comes through a callback, not as a program constant
+        return SEvoSmoothState(graph=graph.fresh() if is_concrete(params) else graph.uploaded())
 
     def update_fn(updates, state, params=None):
         del params

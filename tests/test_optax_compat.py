@@ -362,3 +362,36 @@ def test_decay_mask_and_mu_dtype():
     close(u["w"], first_update(ref, params, grads)["w"])
     no_decay = sj.adamw_corrected(LR, weight_decay=0.0, mask=MASK)
     close(u["emb"], first_update(no_decay, params, grads)["emb"])
+
+
+def test_jitted_init_does_not_embed_the_graph():
+    """``jax.jit(opt.init)``: the graph comes through a callback, not as a program constant."""
+    big = sp.random(400, 400, density=0.05, random_state=0)
+    big = sp.csr_matrix(big + big.T)
+    params = {"emb": jnp.ones((400, D)), "w": jnp.ones((D, 2))}
+    opt = sj.sevo_adamw(LR, big, mask=MASK)
+    hlo = jax.jit(opt.init).lower(params).as_text()
+    graph_bytes = 12 * big.nnz
+    assert len(hlo) < graph_bytes, (len(hlo), graph_bytes)
+    equal(jax.jit(opt.init)(params), opt.init(params))
+    grads = jax.tree.map(jnp.ones_like, params)
+    equal(jax.jit(opt.update)(grads, jax.jit(opt.init)(params), params)[0],
+          first_update(opt, params, grads))
+
+
+def test_graph_subtrees_can_be_stripped_for_a_checkpoint():
+    """What a checkpointer does: keep the fingerprints, drop the graph arrays; restoring into a
+    fresh init's state then updates exactly like the original state."""
+    params, grads = make_params(), make_grads()
+    opt = sevo()
+    state = opt.init(params)
+    _, state = jax.jit(opt.update)(grads, state, params)
+    is_graph = lambda x: isinstance(x, sj.GraphOperator)
+    fingerprints = [x.fingerprint for x in jax.tree.leaves(state, is_leaf=is_graph) if is_graph(x)]
+    assert fingerprints == [sj.as_normalized_graph(A).fingerprint]
+    stripped = jax.tree.map(lambda x: None if is_graph(x) else x, state, is_leaf=is_graph)
+    assert sum(x.size for x in jax.tree.leaves(stripped)) == 1 + 2 * (N * D + D * 2)
+    template = opt.init(params)
+    restored = jax.tree.map(lambda t, s: t if is_graph(t) else s, template, stripped,
+                            is_leaf=lambda x: is_graph(x) or x is None)
+    equal(jax.jit(opt.update)(grads, restored, params)[0], jax.jit(opt.update)(grads, state, params)[0])

@@ -336,6 +336,11 @@ def check_state_survives_generic_tree_ops():
     u2, _ = jax.jit(other.update)(grads, other.init(params), params)
     _close(u1["emb"], fresh_update["emb"], 0)
     _close(u2["emb"], fresh_update["emb"], 0)
+    # jax.jit(init): each device's block through a callback (no constant); same state
+    jitted = jax.jit(opt.init)(params)
+    for x, y in zip(jax.tree.leaves(jitted), jax.tree.leaves(opt.init(params)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert jitted[1].graph.weights.sharding.spec == state[1].graph.weights.sharding.spec
     # inject_hyperparams: a beta schedule reaches the shard_map as an operand (a Mesh is
     # callable, so Optax would take it for a schedule: it goes in static_args)
     sched = optax.linear_schedule(0.0, 0.9, 3)
