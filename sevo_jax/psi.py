@@ -137,8 +137,7 @@ def psi_recursion(
     a, c = psi_coefficients(beta, num_layers, approx)
     dtype = x.dtype
     ax = x if (isinstance(a, float) and a == 1.0) else (a * x).astype(dtype)
-    b = beta if is_concrete(beta) else jnp.asarray(beta).astype(dtype)
-    b = float(b) if is_concrete(b) else b
+    b = float(beta) if is_concrete(beta) else jnp.asarray(beta).astype(dtype)
     y = jax.lax.fori_loop(0, num_layers, lambda _, y: (ax + b * matmul(y)).astype(dtype), x)
     return (c * y).astype(dtype)
 
