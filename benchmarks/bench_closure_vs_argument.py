@@ -66,7 +66,8 @@ def main(argv=None):
 
     import graphs as graph_gen
     from sevo_jax.graph import normalize
-    from sevo_jax.smoothing import NormalizedGraph, default_matmul_impl, propagate
+    from sevo_jax.operator import NormalizedGraph, default_matmul_impl
+    from sevo_jax.psi import propagate
 
     T = _util.Timer
     jax.block_until_ready(jnp.zeros(1))

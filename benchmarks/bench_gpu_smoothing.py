@@ -35,7 +35,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import _util, graphs  # noqa: E402
 from sevo_jax import graph as graph_lib  # noqa: E402
-from sevo_jax.smoothing import NormalizedGraph, psi_recursion  # noqa: E402
+from sevo_jax.operator import NormalizedGraph  # noqa: E402
+from sevo_jax.psi import psi_recursion  # noqa: E402
 
 BETA, APPROX = 0.99, "neumann"
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM peak, GB/s

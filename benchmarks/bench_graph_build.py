@@ -62,7 +62,7 @@ def main(argv=None):
 
     from graphs import powerlaw_sequences, random_edges
     from sevo_jax.graph import cooccurrence_graph, edge_list_graph, normalize, validate_adjacency
-    from sevo_jax.smoothing import NormalizedGraph
+    from sevo_jax.operator import NormalizedGraph
 
     del scipy
     info = _util.machine_info()

@@ -20,6 +20,7 @@ import jax, jax.numpy as jnp, numpy as np, scipy.sparse as sp  # noqa: E401,E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import sevo_jax as sj  # noqa: E402
+import sevo_jax.operator  # noqa: E402
 from sevo_jax import sharding as sh  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,18 +40,18 @@ mesh = jax.make_mesh((8,), ("x",))
 rows = sh.row_sharding(mesh, "x")
 users = jax.device_put(jnp.asarray(rng.standard_normal((n_u, d)), jnp.float32), rows)
 items = jax.device_put(jnp.asarray(rng.standard_normal((n_i, d)), jnp.float32), rows)
-t0 = time.perf_counter(); g2 = sh.shard_graph(a, mesh, "x", (n_u, n_i)); t_build = time.perf_counter() - t0
-g1 = sh.shard_graph(a, mesh, "x")            # one global block: the naive layout
+t0 = time.perf_counter(); g2 = sj.shard_graph(a, mesh, "x", (n_u, n_i)); t_build = time.perf_counter() - t0
+g1 = sj.shard_graph(a, mesh, "x")            # one global block: the naive layout
 ng = sj.as_normalized_graph(a)
 print(f"n={n} nnz={a.nnz} d={d} L={L}; shard_graph build {t_build:.2f}s; {g2}")
 
 def per_table(g, u, i, impl):  # chosen design: each table blocked separately, no reshard
-    return sh.propagate_sharded(g, [u, i], 0.99, L, impl=impl)
+    return sj.propagate(g, [u, i], 0.99, L, impl=impl)
 def naive(g, u, i, impl):       # global concat, then a single row-sharded block
     x = jnp.concatenate([u, i])
     if g.local_sizes[0] * 8 != n:
         x = jax.sharding.reshard(x, NamedSharding(mesh, P()))
-    y = sh.propagate_sharded(g, x, 0.99, L, impl=impl)
+    y = sj.propagate(g, x, 0.99, L, impl=impl)
     return jax.sharding.reshard(y[:n_u], rows) if n_u % 8 == 0 else y[:n_u], y[n_u:]
 
 def unsharded(g, u, i):
@@ -69,7 +70,7 @@ def bench(name, f, *args):
     return out
 
 ref = bench("unsharded (1 device)", unsharded, ng, jax.device_get(users), jax.device_get(items))
-for impl in sj.smoothing.MATMUL_IMPLS:
+for impl in sj.operator.MATMUL_IMPLS:
     o = bench(f"per-table layout {impl}", lambda g, u, i: per_table(g, u, i, impl), g2, users, items)
     assert max(float(jnp.abs(x - y).max()) for x, y in zip(o, ref)) < 1e-5
     o = bench(f"naive concat {impl}", lambda g, u, i: naive(g, u, i, impl), g1, users, items)

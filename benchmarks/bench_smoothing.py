@@ -4,9 +4,9 @@ For each case the same normalised graph and signal X (n x d, float32) go to
 
   * ``scipy``: ``Y = X; 3x: Y = X + beta * (A @ Y); return c * Y`` with a float32 CSR ``A``
     (scipy's sparse matmul is single-threaded);
-  * ``chunked`` (the CPU default) / ``segment_sum`` / ``bcoo``: ``sevo_jax.smoothing.propagate``
+  * ``chunked`` (the CPU default) / ``segment_sum`` / ``bcoo``: ``sevo_jax.psi.propagate``
     jitted with the graph passed as an ARGUMENT (a ``NormalizedGraph`` pytree) and ``impl=``
-    each of ``sevo_jax.smoothing.MATMUL_IMPLS`` (``sparse_matmul`` describes them);
+    each of ``sevo_jax.operator.MATMUL_IMPLS`` (``sparse_matmul`` describes them);
 
 timed side by side in the same process (interleaved repetitions, warm-up/compilation
 excluded, ``block_until_ready``), and the ratio jax/scipy is the median of the per-repetition
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--graphs", type=_str_list, default=_str_list("uniform,powerlaw"))
     p.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of the power-law graph")
     p.add_argument("--impls", type=_str_list, default=_str_list("chunked,segment_sum,bcoo"),
-                   help="comma-separated sevo_jax.smoothing.MATMUL_IMPLS")
+                   help="comma-separated sevo_jax.operator.MATMUL_IMPLS")
     p.add_argument("--threads", type=_str_list, default=None,
                    help="thread settings, each in its own process: 'all' and/or '1' (one core); "
                    "default 'all,1' ('1' under --smoke)")
@@ -148,7 +148,8 @@ def worker(args) -> None:
 
     import graphs as graph_gen
     from sevo_jax.graph import csr_row_ids, normalize
-    from sevo_jax.smoothing import NormalizedGraph, propagate
+    from sevo_jax.operator import NormalizedGraph
+    from sevo_jax.psi import propagate
 
     beta, L = args.beta, args.layers
     c = (1.0 - beta) / (1.0 - beta ** (L + 1))

@@ -1,6 +1,19 @@
-"""sevo_jax: SEvo (structure-aware embedding evolution) as composable Optax transformations.
+"""sevo_jax: SEvo (structure-aware embedding evolution, arXiv 2310.03032) as Optax transformations.
 
-Where psi is applied: ``sevo_jax.smoothing.propagate`` (called by ``sevo_smooth``).
+Where psi is applied: ``sevo_jax.psi.propagate`` (called by ``sevo_jax.transform.sevo_smooth``,
+which every optimizer in ``sevo_jax.optimizers`` chains). The library core, imports in one
+direction::
+
+    graph.py            raw adjacencies A (builders) and normalize: Ã = D^-1/2 A D^-1/2 (scipy)
+    operator.py         GraphOperator (the interface psi needs: matmul, apply, fingerprint) and
+                        NormalizedGraph, the local COO operator with sparse_matmul
+    operator_sharded.py ShardedGraph: the same operator split by rows across a mesh axis
+    psi.py              propagate: psi(X) = c Y_L, Y_l = a X + beta Ã Y_{l-1}, written once
+    transform.py        sevo_smooth: psi on the masked tables, as an optax.GradientTransformation
+    optimizers.py       sevo_adamw (the paper's), sevo_adam, sevo_sgd, adamw_corrected
+
+``sharding.py`` (the trainer's placement on a mesh) and ``data``/``models``/``training``/``train``
+(the experiment pipeline) build on the core; the core never imports them.
 """
 
 from sevo_jax.graph import (
@@ -10,6 +23,8 @@ from sevo_jax.graph import (
     normalize,
     user_item_graph,
 )
+from sevo_jax.operator import GraphOperator, NormalizedGraph, as_normalized_graph
+from sevo_jax.operator_sharded import ShardedGraph, shard_graph
 from sevo_jax.optimizers import (
     ScaleByAdamCorrectedState,
     adamw_corrected,
@@ -18,23 +33,18 @@ from sevo_jax.optimizers import (
     sevo_adamw,
     sevo_sgd,
 )
-from sevo_jax.smoothing import (
-    APPROXIMATIONS,
-    NormalizedGraph,
-    SEvoSmoothState,
-    as_normalized_graph,
-    propagate,
-    sevo_smooth,
-    smoothness,
-)
+from sevo_jax.psi import APPROXIMATIONS, propagate
+from sevo_jax.transform import SEvoSmoothState, sevo_smooth, smoothness
 
 __version__ = "0.1.0"
 
 __all__ = [
     "APPROXIMATIONS",
+    "GraphOperator",
     "NormalizedGraph",
     "SEvoSmoothState",
     "ScaleByAdamCorrectedState",
+    "ShardedGraph",
     "adamw_corrected",
     "as_normalized_graph",
     "category_graph",
@@ -47,6 +57,7 @@ __all__ = [
     "sevo_adamw",
     "sevo_sgd",
     "sevo_smooth",
+    "shard_graph",
     "smoothness",
     "user_item_graph",
 ]

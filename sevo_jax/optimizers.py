@@ -1,10 +1,20 @@
-"""Optimizers with SEvo, built as Optax chains (spec §3).
+"""Optimizers with SEvo (arXiv 2310.03032, spec §3), built as Optax chains.
 
 ``sevo_adamw`` is the paper's recommended optimizer::
 
     chain(scale_by_adam_corrected, sevo_smooth, add_decayed_weights, scale_by_learning_rate)
 
 which gives ``p <- p(1 - lr wd) - lr psi(delta)`` with ``delta`` the corrected Adam direction.
+
+Two masks, not to be confused:
+
+* ``mask`` selects the embedding TABLES (2-D, rows = graph nodes) that SEvo smooths and whose
+  Adam moments get SEvo's correction (``sevo_smooth``'s mask);
+* ``decay_mask`` selects the leaves that take weight decay (``optax.adamw``'s ``mask``), e.g.
+  to exclude biases and LayerNorm scales; None decays every leaf.
+
+Every numeric argument is an array-like, so ``optax.inject_hyperparams`` can schedule
+``learning_rate``, ``beta``, ``num_layers``, ``b1``, ``b2``, ``eps`` and ``weight_decay``.
 """
 
 from __future__ import annotations
@@ -13,16 +23,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np  # noqa: F401  (the Examples use it)
 import optax
 
-from sevo_jax.smoothing import MaskOrFn, _broadcast_mask, sevo_smooth
+from sevo_jax.transform import MaskOrFn, has_leaves, mask_flags, mask_tree, sevo_smooth
 
 __all__ = [
     "ScaleByAdamCorrectedState",
-    "scale_by_adam_corrected",
     "adamw_corrected",
-    "sevo_adamw",
+    "scale_by_adam_corrected",
     "sevo_adam",
+    "sevo_adamw",
     "sevo_sgd",
 ]
 
@@ -35,8 +46,14 @@ class ScaleByAdamCorrectedState(NamedTuple):
     nu: optax.Updates
 
 
-def _zero_rows(g: jax.Array) -> jax.Array:
-    """Bool mask broadcastable to ``g``: True where the whole row (leading-axis slice) is zero."""
+def zero_rows(g: jax.Array) -> jax.Array:
+    """Bool mask broadcastable to ``g``: True where the whole row (leading-axis slice) is zero.
+
+    Examples:
+      >>> zero_rows(jnp.array([[0.0, 0.0], [0.0, 1.0]]))
+      Array([[ True],
+             [False]], dtype=bool)
+    """
     if g.ndim == 0:
         return g == 0
     flat = g.reshape(g.shape[0], -1)
@@ -44,11 +61,12 @@ def _zero_rows(g: jax.Array) -> jax.Array:
 
 
 def scale_by_adam_corrected(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
     *,
     mask: MaskOrFn | None = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
     """Adam's direction with SEvo's moment-estimate correction on the masked leaves.
 
@@ -60,60 +78,87 @@ def scale_by_adam_corrected(
         m <- b1 m + (1 - b1) m_in                 v <- b2 v + (1 - b2) v_in
         update = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    Unmasked leaves take plain Adam (``m_in = g``, ``v_in = g^2``). A row is a slice along the
-    leading axis. ``mask`` follows Optax (pytree of bools or callable); None = every leaf.
+    Unmasked leaves take plain Adam (``m_in = g``, ``v_in = g^2``), equal to
+    ``optax.scale_by_adam``. A row is a slice along the leading axis. ``mask`` follows Optax
+    (pytree of bools or callable); None = every leaf. ``mu_dtype``: dtype of the first moment
+    as stored (as in ``optax.scale_by_adam``); None keeps the parameters' dtype.
+
+    Examples:
+      >>> tx = scale_by_adam_corrected()
+      >>> params = {"emb": jnp.zeros((2, 1))}
+      >>> state = tx.init(params)
+      >>> u, state = tx.update({"emb": jnp.array([[1.0], [1.0]])}, state)
+      >>> u, state = tx.update({"emb": jnp.array([[0.0], [1.0]])}, state)
+      >>> np.asarray(u["emb"], float).round(4).tolist()   # absent row 0 keeps its moments' direction
+      [[1.0], [1.0]]
     """
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
-        _broadcast_mask(mask, params)
-        mu = optax.tree.zeros_like(params)
-        nu = optax.tree.zeros_like(params)
-        return ScaleByAdamCorrectedState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+        if has_leaves(params):
+            mask_flags(mask, params)  # fail early on a mask that does not fit the params
+        return ScaleByAdamCorrectedState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            nu=optax.tree.zeros_like(params),
+        )
 
     def update_fn(updates, state, params=None):
         del params
-        flags = _broadcast_mask(mask, updates)
+        corrected = mask_tree(mask, updates)
         count = optax.safe_increment(state.count)
-        t = count.astype(jnp.float32)
-        s = jnp.maximum(t - 1.0, 1.0)
-        leaves, treedef = jax.tree_util.tree_flatten(updates)
-        mus = treedef.flatten_up_to(state.mu)
-        nus = treedef.flatten_up_to(state.nu)
-        new_mu, new_nu, out = [], [], []
-        for g, m, v, corrected in zip(leaves, mus, nus, flags):
-            m_in, v_in = g, jnp.square(g)
-            if corrected:
-                z = _zero_rows(g)
-                m_in = jnp.where(z, m / (1.0 - b1**s).astype(m.dtype), m_in)
-                v_in = jnp.where(z, v / (1.0 - b2**s).astype(v.dtype), v_in)
-            m = b1 * m + (1.0 - b1) * m_in
-            v = b2 * v + (1.0 - b2) * v_in
-            m_hat = m / (1.0 - b1**t).astype(m.dtype)
-            v_hat = v / (1.0 - b2**t).astype(v.dtype)
-            new_mu.append(m)
-            new_nu.append(v)
-            out.append((m_hat / (jnp.sqrt(v_hat) + eps)).astype(g.dtype))
-        unflatten = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-        return unflatten(out), ScaleByAdamCorrectedState(count, unflatten(new_mu), unflatten(new_nu))
+        s = jnp.maximum(count - 1, 1)
+
+        def moment_input(g, moment, decay, fresh, is_corrected):
+            if not is_corrected:
+                return fresh
+            restored = optax.tree.bias_correction(moment, decay, s)
+            return jnp.where(zero_rows(g), restored, fresh)
+
+        m_in = jax.tree.map(lambda g, m, c: moment_input(g, m, b1, g, c),
+                            updates, state.mu, corrected)
+        v_in = jax.tree.map(lambda g, v, c: moment_input(g, v, b2, jnp.square(g), c),
+                            updates, state.nu, corrected)
+        mu = optax.tree.update_moment(m_in, state.mu, b1, 1)
+        nu = optax.tree.update_moment(v_in, state.nu, b2, 1)
+        mu_hat = optax.tree.bias_correction(mu, b1, count)
+        nu_hat = optax.tree.bias_correction(nu, b2, count)
+        out = jax.tree.map(lambda g, m, v: (m / (jnp.sqrt(v) + eps)).astype(g.dtype),
+                           updates, mu_hat, nu_hat)
+        return out, ScaleByAdamCorrectedState(count, optax.tree.cast(mu, mu_dtype), nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
 def adamw_corrected(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 1e-4,
     mask: MaskOrFn | None = None,
+    *,
+    decay_mask: MaskOrFn | None = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
-    """AdamW with the moment-estimate correction on the masked leaves (no smoothing).
+    """AdamW with SEvo's moment-estimate correction on the ``mask`` tables (no smoothing).
 
-    ``p <- p (1 - lr wd) - lr delta`` with ``delta`` from ``scale_by_adam_corrected``.
+    ``p <- p - lr (delta + wd p)`` with ``delta`` from ``scale_by_adam_corrected`` (the
+    correction on the leaves ``mask`` selects) and the decay on the leaves ``decay_mask``
+    selects (None: all; module docstring). With ``mask`` selecting nothing it is
+    ``optax.adamw``.
+
+    Examples:
+      >>> params = {"emb": jnp.ones((3, 2)), "bias": jnp.ones(2)}
+      >>> opt = adamw_corrected(0.1, weight_decay=0.5, mask={"emb": True, "bias": False},
+      ...                       decay_mask={"emb": True, "bias": False})
+      >>> u, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+      >>> round(float(u["emb"][0, 0]), 6), abs(float(u["bias"][0]))   # decay on the table only
+      (-0.05, 0.0)
     """
     return optax.chain(
-        scale_by_adam_corrected(b1, b2, eps, mask=mask),
-        optax.add_decayed_weights(weight_decay),
+        scale_by_adam_corrected(b1, b2, eps, mask=mask, mu_dtype=mu_dtype),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -121,31 +166,48 @@ def adamw_corrected(
 def sevo_adamw(
     learning_rate: optax.ScalarOrSchedule,
     adjacency: Any,
-    beta: float = 0.99,
-    num_layers: int = 3,
+    beta: Any = 0.99,
+    num_layers: Any = 3,
     *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 1e-4,
     mask: MaskOrFn | None = None,
+    decay_mask: MaskOrFn | None = None,
+    mu_dtype: Any | None = None,
     approx: str = "neumann",
     mesh: jax.sharding.Mesh | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformation:
     """AdamW + SEvo with moment-estimate correction, the paper's optimizer (spec §3).
 
-    ``p <- p (1 - lr wd) - lr psi(delta)``: psi smooths the corrected Adam direction of the
-    masked tables, before the decoupled decay and the learning rate. Other leaves take plain
-    AdamW. ``mesh``/``axis_name`` row-shard psi across a mesh axis (``sevo_smooth``,
-    ``sevo_jax.sharding``); likewise in ``sevo_adam`` and ``sevo_sgd``.
+    ``p <- p (1 - lr wd) - lr psi(delta)``: psi (``sevo_smooth``) smooths the corrected Adam
+    direction ``delta`` of the ``mask`` tables, before the decoupled decay (on ``decay_mask``)
+    and the learning rate. Other leaves take plain AdamW. ``mesh``/``axis_name`` row-shard psi
+    across a mesh axis; likewise in ``sevo_adam`` and ``sevo_sgd``.
+
+    Examples:
+      >>> import optax, scipy.sparse as sp
+      >>> a = sp.csr_matrix(np.array([[0.0, 1.0], [1.0, 0.0]]))  # sparse: not a hyperparameter
+      >>> opt = optax.inject_hyperparams(sevo_adamw)(learning_rate=0.1, adjacency=a, beta=0.5,
+      ...                                            num_layers=1, weight_decay=0.0)
+      >>> params = {"emb": jnp.zeros((2, 1))}
+      >>> state = opt.init(params)
+      >>> u, state = jax.jit(opt.update)({"emb": jnp.array([[1.0], [0.0]])}, state, params)
+      >>> np.asarray(u["emb"], float).round(4).tolist()   # Adam: (-0.1, 0); psi mixes the rows
+      [[-0.0667], [-0.0333]]
+      >>> state.hyperparams["beta"] = 0.0   # psi is now the identity
+      >>> u, state = jax.jit(opt.update)({"emb": jnp.array([[1.0], [0.0]])}, state, params)
+      >>> np.asarray(u["emb"], float).round(4).tolist()
+      [[-0.1], [-0.0]]
     """
     return optax.chain(
-        scale_by_adam_corrected(b1, b2, eps, mask=mask),
+        scale_by_adam_corrected(b1, b2, eps, mask=mask, mu_dtype=mu_dtype),
         sevo_smooth(
             adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name
         ),
-        optax.add_decayed_weights(weight_decay),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -153,22 +215,34 @@ def sevo_adamw(
 def sevo_adam(
     learning_rate: optax.ScalarOrSchedule,
     adjacency: Any,
-    beta: float = 0.99,
-    num_layers: int = 3,
+    beta: Any = 0.99,
+    num_layers: Any = 3,
     *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
     mask: MaskOrFn | None = None,
+    decay_mask: MaskOrFn | None = None,
+    mu_dtype: Any | None = None,
     approx: str = "neumann",
     mesh: jax.sharding.Mesh | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformation:
-    """Adam + SEvo with L2 decay and no correction: ``g <- g + wd p``; ``p <- p - lr psi(delta)``."""
+    """Adam + SEvo with L2 decay and no correction: ``g <- g + wd p``; ``p <- p - lr psi(delta)``.
+
+    ``delta`` is ``optax.scale_by_adam``'s direction; the L2 term applies to ``decay_mask``.
+
+    Examples:
+      >>> opt = sevo_adam(0.1, np.array([[0.0, 1.0], [1.0, 0.0]]), beta=0.0)
+      >>> params = {"emb": jnp.zeros((2, 1))}
+      >>> u, _ = opt.update({"emb": jnp.array([[1.0], [-1.0]])}, opt.init(params), params)
+      >>> np.asarray(u["emb"], float).round(4).tolist()
+      [[-0.1], [0.1]]
+    """
     return optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_adam(b1, b2, eps),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype),
         sevo_smooth(
             adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name
         ),
@@ -179,22 +253,30 @@ def sevo_adam(
 def sevo_sgd(
     learning_rate: optax.ScalarOrSchedule,
     adjacency: Any,
-    beta: float = 0.99,
-    num_layers: int = 3,
+    beta: Any = 0.99,
+    num_layers: Any = 3,
     *,
     momentum: float | None = None,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: Any = 0.0,
     mask: MaskOrFn | None = None,
+    decay_mask: MaskOrFn | None = None,
     approx: str = "neumann",
     mesh: jax.sharding.Mesh | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformation:
-    """SGD + SEvo: ``d = g + wd p``; with momentum ``b = mu b + d`` (first step ``b = d``) and
-    ``d = d + mu b`` (Nesterov) or ``d = b``; then ``p <- p - lr psi(d)``.
+    """SGD + SEvo: ``d = g + wd p`` (on ``decay_mask``); with momentum ``b = mu b + d`` (first
+    step ``b = d``) and ``d = d + mu b`` (Nesterov) or ``d = b``; then ``p <- p - lr psi(d)``.
+
+    Examples:
+      >>> opt = sevo_sgd(1.0, np.array([[0.0, 1.0], [1.0, 0.0]]), beta=0.5, num_layers=1)
+      >>> params = {"emb": jnp.zeros((2, 1))}
+      >>> u, _ = opt.update({"emb": jnp.array([[3.0], [0.0]])}, opt.init(params), params)
+      >>> np.asarray(u["emb"], float).round(4).tolist()
+      [[-2.0], [-1.0]]
     """
     return optax.chain(
-        optax.add_decayed_weights(weight_decay),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
         sevo_smooth(
             adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name

@@ -407,7 +407,7 @@ def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
     model = build_model(config, ds, plan.size)
     optimizer = build_optimizer(config, adjacency, plan.mesh)
     opt_state = optimizer.init(params)
-    opt_state = plan.put(opt_state, plan.state_shardings(opt_state, params))
+    opt_state = plan.put(opt_state, plan.state_shardings(opt_state, params, optimizer))
     return model, optimizer, params, opt_state
 
 
@@ -736,7 +736,7 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
     sampler = NegativeSampler(ds)
     best_params = _device_copy(params)
     progress = Progress()
-    shardings = None if plan is None else plan.step_shardings(params, opt_state)
+    shardings = None if plan is None else plan.step_shardings(params, opt_state, optimizer)
     writer = plan is None or jax.process_index() == 0  # several hosts: process 0 writes
 
     checkpoints = checkpoint_lib.RunCheckpoints(out / CHECKPOINT_DIR)

@@ -85,8 +85,8 @@ def check_one_step_equals_unsharded():
     import jax.numpy as jnp
     import numpy as np
 
-    from sevo_jax import sharding as sh
     from sevo_jax import training
+    from sevo_jax.operator_sharded import ShardedGraph
 
     key = jax.random.PRNGKey(7)
     for optimizer_name in ("sevo-adamw", "adamw"):
@@ -117,7 +117,7 @@ def check_one_step_equals_unsharded():
             assert _replicated(moment["final_norm"]["scale"], mesh)
         if optimizer_name == "sevo-adamw":
             graph = state[1].graph
-            assert isinstance(graph, sh.ShardedGraph) and graph.segments == (152,), graph
+            assert isinstance(graph, ShardedGraph) and graph.segments == (152,), graph
             # ... and so is the SEvo update itself, without any output sharding imposed
             grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.01, p.dtype), params)
             grads = plan.put(grads, plan.param_shardings(params))

@@ -16,7 +16,6 @@ import pytest
 from tests import helpers
 from tests.helpers import NUM_DEVICES
 
-
 # --------------------------------------------------------------------------------------------
 # Checks run in the 8-device subprocess (they import jax lazily).
 # --------------------------------------------------------------------------------------------
@@ -59,9 +58,9 @@ def _close(got, ref, tol=2e-6, msg=""):
 def _psi_jit(beta, num_layers, approx, impl=None):
     import jax
 
-    from sevo_jax import sharding as sh
+    import sevo_jax as sj
 
-    return jax.jit(lambda g, x: sh.propagate_sharded(g, x, beta, num_layers, approx, impl=impl))
+    return jax.jit(lambda g, x: sj.propagate(g, x, beta, num_layers, approx, impl=impl))
 
 
 def _row_sharded(x, mesh, axis="x"):
@@ -76,17 +75,17 @@ def check_psi_every_approx():
     import jax.numpy as jnp
 
     import sevo_jax as sj
-    from sevo_jax import sharding as sh
+    from sevo_jax import operator_sharded as osh
 
     mesh = _mesh()
     n = 24  # n not dividing 8: check_uneven_no_leak
     a = graph(n, seed=n)
     ng = sj.as_normalized_graph(a)
-    g = sh.shard_graph(a, mesh, "x")
+    g = osh.shard_graph(a, mesh, "x")
     x = jnp.asarray(np.random.default_rng(n).standard_normal((n, 3)), jnp.float32)
     cases = [("segment_sum", 0.9, 3), ("segment_sum", 0.99, 2), ("segment_sum", 0.5, 0)]
     cases += [("bcoo", 0.9, 3), ("chunked", 0.9, 3), ("chunked", 0.99, 2)]
-    sj.smoothing.MATMUL_CHUNK = 5  # several chunks per device even on this small graph
+    sj.operator.MATMUL_CHUNK = 5  # several chunks per device even on this small graph
     for approx in sj.APPROXIMATIONS:
         for impl, beta, num_layers in cases:
             got = _psi_jit(beta, num_layers, approx, impl)(g, x)
@@ -101,6 +100,7 @@ def check_update_is_row_sharded():
     from jax.sharding import NamedSharding, PartitionSpec
 
     import sevo_jax as sj
+    from sevo_jax import operator_sharded as osh
     from sevo_jax import sharding as sh
 
     n = 32
@@ -113,7 +113,7 @@ def check_update_is_row_sharded():
         params = {"emb": table, "bias": jnp.ones((3,))}
         opt = sj.sevo_smooth(a, 0.9, 3, mask={"emb": True, "bias": False}, mesh=mesh, axis_name="x")
         state = opt.init(params)
-        assert isinstance(state.graph, sh.ShardedGraph), state
+        assert isinstance(state.graph, osh.ShardedGraph), state
         graph_sharding = NamedSharding(mesh, PartitionSpec("x"))
         assert state.graph.weights.sharding.is_equivalent_to(graph_sharding, 2)
         out, _ = jax.jit(opt.update)(params, state)
@@ -129,19 +129,19 @@ def check_uneven_no_leak():
     import jax.numpy as jnp
 
     import sevo_jax as sj
-    from sevo_jax import sharding as sh
+    from sevo_jax import operator_sharded as osh
 
     mesh = _mesh("auto")
     for n, density in ((13, 0.4), (1001, 0.01)):
         a = graph(n, seed=3, density=density, isolated=(0, n - 1))
         ng = sj.as_normalized_graph(a)
-        g = sh.shard_graph(a, mesh, "x")
+        g = osh.shard_graph(a, mesh, "x")
         x = np.random.default_rng(2).standard_normal((n, 5)).astype(np.float32)
         # node 0 is isolated and sits at gathered position 0, the column every padding edge
         # reads: a non-finite value there must stay in its own row
         x[0] = np.nan
-        sj.smoothing.MATMUL_CHUNK = 3
-        for impl in sj.smoothing.MATMUL_IMPLS:
+        sj.operator.MATMUL_CHUNK = 3
+        for impl in sj.operator.MATMUL_IMPLS:
             for approx in sj.APPROXIMATIONS:
                 got = np.asarray(_psi_jit(0.95, 3, approx, impl)(g, x))
                 assert got.shape == (n, 5)
@@ -290,6 +290,73 @@ def check_bad_axis_name():
         raise AssertionError("no ValueError for 15 rows on a 16-node graph")
 
 
+def check_state_survives_generic_tree_ops():
+    """Sharded state: a zeros_like reset and a bfloat16 cast are repaired (each device
+    re-uploads its own block), a donated state leaves init and other optimizers intact, and
+    tree_map_params derives the moments' shardings."""
+    jax, np, graph = _setup()
+    import jax.numpy as jnp
+    import optax
+
+    import sevo_jax as sj
+    from sevo_jax import sharding as sh
+
+    n = 16
+    a = graph(n, seed=11)
+    mesh = _mesh("auto")
+    rows = sh.row_sharding(mesh, "x")
+    rng = np.random.default_rng(4)
+    params = {"emb": jax.device_put(jnp.asarray(rng.standard_normal((n, 3)), jnp.float32), rows),
+              "w": jnp.ones((2,))}
+    grads = jax.tree.map(lambda p: 0.1 * p, params)
+    mask = {"emb": True, "w": False}
+    opt = sj.sevo_adamw(1e-2, a, mask=mask, mesh=mesh, axis_name="x")
+    step = jax.jit(opt.update)
+    fresh_update, _ = step(grads, opt.init(params), params)
+    state = opt.init(params)
+    for _ in range(2):
+        _, state = step(grads, state, params)
+    reset = jax.tree.map(jnp.zeros_like, state)
+    assert not bool(reset[1].graph.is_intact())
+    u, repaired = step(grads, reset, params)
+    _close(u["emb"], fresh_update["emb"], 0)
+    assert bool(repaired[1].graph.is_intact())
+    smooth = sj.sevo_smooth(a, mask=mask, mesh=mesh, axis_name="x")
+    ref, _ = smooth.update(grads, smooth.init(params))
+    cast = optax.tree.cast(smooth.init(params), jnp.bfloat16)
+    got, fixed = jax.jit(smooth.update)(grads, cast)
+    _close(got["emb"], ref["emb"], 0)
+    assert fixed.graph.indices.dtype == jnp.int32 and bool(fixed.graph.is_intact())
+    donated = jax.jit(opt.update, donate_argnums=1)
+    s = opt.init(params)
+    for _ in range(2):
+        _, s = donated(grads, s, params)
+    other = sj.sevo_adamw(1e-2, a, mask=mask, mesh=mesh, axis_name="x")
+    u1, _ = step(grads, opt.init(params), params)
+    u2, _ = jax.jit(other.update)(grads, other.init(params), params)
+    _close(u1["emb"], fresh_update["emb"], 0)
+    _close(u2["emb"], fresh_update["emb"], 0)
+    # jax.jit(init): each device's block through a callback (no constant); same state
+    jitted = jax.jit(opt.init)(params)
+    for x, y in zip(jax.tree.leaves(jitted), jax.tree.leaves(opt.init(params)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert jitted[1].graph.weights.sharding.spec == state[1].graph.weights.sharding.spec
+    # inject_hyperparams: a beta schedule reaches the shard_map as an operand (a Mesh is
+    # callable, so Optax would take it for a schedule: it goes in static_args)
+    sched = optax.linear_schedule(0.0, 0.9, 3)
+    inj = optax.inject_hyperparams(sj.sevo_smooth, static_args=("mesh",))(
+        a, beta=sched, mask=mask, mesh=mesh, axis_name="x")
+    s = inj.init(params)
+    for t in range(3):
+        u, s = jax.jit(inj.update)(grads, s)
+        ref = sj.propagate(sj.as_normalized_graph(a), grads["emb"], float(sched(t)), 3)
+        _close(u["emb"], ref, 2e-6, f"step {t}")
+    plan = sh.MeshPlan(mesh, lambda p: mask)
+    shardings = plan.state_shardings(state, params, opt)
+    assert shardings[0].mu["emb"] == rows and shardings[0].count == plan.replicated
+    assert shardings[1].graph.weights.spec == state[1].graph.weights.sharding.spec
+
+
 CHECKS = helpers.collect_checks(globals())
 
 
@@ -346,7 +413,7 @@ def test_one_device_mesh_in_process():
     import numpy as np
 
     import sevo_jax as sj
-    from sevo_jax import sharding as sh
+    from sevo_jax import operator_sharded as osh
 
     rng = np.random.default_rng(1)
     a = rng.random((10, 10)) * (rng.random((10, 10)) < 0.4)
@@ -358,7 +425,7 @@ def test_one_device_mesh_in_process():
     opt = sj.sevo_adamw(1e-2, a, mesh=mesh, axis_name="x")
     ref_opt = sj.sevo_adamw(1e-2, a)
     state, ref_state = opt.init(params), ref_opt.init(params)
-    assert isinstance(state[1].graph, sh.ShardedGraph)
+    assert isinstance(state[1].graph, osh.ShardedGraph)
     g = jax.tree.map(lambda p: jnp.ones_like(p) * 0.3, params)
     upd, _ = jax.jit(opt.update)(g, state, params)
     ref, _ = ref_opt.update(g, ref_state, params)
@@ -374,23 +441,25 @@ def test_prebuilt_sharded_graph_and_serialization():
     import numpy as np
 
     import sevo_jax as sj
-    from sevo_jax import sharding as sh
+    from sevo_jax import operator_sharded as osh
 
     rng = np.random.default_rng(2)
     a = rng.random((7, 7)) * (rng.random((7, 7)) < 0.5)
     a = np.triu(a, 1) + np.triu(a, 1).T
     mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
-    g = sh.shard_graph(sj.as_normalized_graph(a), mesh, "x", segments=(3, 4))
+    g = osh.shard_graph(sj.as_normalized_graph(a), mesh, "x", segments=(3, 4))
     assert g.num_nodes == 7 and g.nnz == int((a != 0).sum())
     params = (jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
               jnp.asarray(rng.standard_normal((4, 2)), jnp.float32))
     opt = sj.sevo_smooth(g, 0.9, 2)
     state = opt.init(params)
-    assert state.graph is g
+    assert state.graph.fingerprint == g.fingerprint and state.graph.weights is not g.weights
     out, _ = opt.update(params, state)
     ref, _ = sj.sevo_smooth(a, 0.9, 2).update(params, sj.sevo_smooth(a, 0.9, 2).init(params))
     for o, r in zip(out, ref):
         np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-6, atol=1e-7)
+    # the checkpoint carries the graph's fingerprint only; restoring keeps the template's arrays
+    assert flax.serialization.to_state_dict(state)["graph"] == {"fingerprint": g.fingerprint}
     restored = flax.serialization.from_state_dict(state, flax.serialization.to_state_dict(state))
     np.testing.assert_array_equal(np.asarray(restored.graph.weights), np.asarray(g.weights))
     with pytest.raises(ValueError, match="built for tables"):
@@ -402,7 +471,7 @@ def test_errors_in_process():
     import numpy as np
 
     import sevo_jax as sj
-    from sevo_jax import sharding as sh
+    from sevo_jax import operator_sharded as osh
 
     a = np.ones((4, 4)) - np.eye(4)
     mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
@@ -415,7 +484,7 @@ def test_errors_in_process():
     with pytest.raises(TypeError, match="Mesh"):
         sj.sevo_smooth(a, mesh="x", axis_name="x")
     with pytest.raises(ValueError, match="segments"):
-        sh.shard_graph(a, mesh, "x", segments=(2, 3))
+        osh.shard_graph(a, mesh, "x", segments=(2, 3))
 
 
 if __name__ == "__main__":

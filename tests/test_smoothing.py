@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from jax.experimental import sparse as jsparse
 
 import sevo_jax as sj
+import sevo_jax.operator
 from tests import oracle
 
 jax.config.update("jax_enable_x64", False)
@@ -122,7 +123,7 @@ def test_adjacency_input_types_agree(kind):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", sj.smoothing.MATMUL_IMPLS)
+@pytest.mark.parametrize("impl", sj.operator.MATMUL_IMPLS)
 def test_matmul_implementations_agree(impl):
     rng = np.random.default_rng(0)
     a = random_graph(rng, 9)
@@ -139,7 +140,7 @@ def test_chunked_matmul_any_chunk_size(chunk):
     a = random_graph(rng, 12)
     g = sj.as_normalized_graph(a)
     x = rng.standard_normal((12, 3)).astype(np.float32)
-    got = sj.smoothing.sparse_matmul(g.indices, g.weights, jnp.asarray(x), 12, "chunked", chunk)
+    got = sj.operator.sparse_matmul(g.indices, g.weights, jnp.asarray(x), 12, "chunked", chunk)
     np.testing.assert_allclose(got, oracle.normalize(a) @ x, rtol=1e-5, atol=1e-6)
 
 

@@ -1,0 +1,556 @@
+"""The normalised graph ``Ã = D^-1/2 A D^-1/2`` as a linear operator on the rows of embedding tables.
+
+SEvo (Structure-aware Embedding Evolution, arXiv 2310.03032) smooths a table update ``X``
+with products ``Ã @ Y``. This module defines what such a product needs, once:
+
+* ``GraphOperator``: the interface psi (``sevo_jax.psi``) is written against: ``matmul``
+  (``Ã @ y``), ``apply`` (run a row-wise function that may call ``matmul`` on the stacked
+  tables, wherever the operator's rows live), ``num_nodes``, ``nnz`` and a host-side
+  ``fingerprint``;
+* ``NormalizedGraph``: the local operator, ``Ã`` in COO form on one device, and
+  ``sparse_matmul``, its product. The row-sharded operator is
+  ``sevo_jax.operator_sharded.ShardedGraph``.
+
+State contract (why operators look the way they do). ``jax.jit`` must receive the graph as an
+ARGUMENT (a graph closed over becomes an HLO constant: compile 2.06 s vs 0.21 s at 300k nodes /
+6M non-zeros, BENCHMARKS.md), so the operator's device arrays are pytree leaves that travel in
+the optimizer state. The authoritative copy of the graph stays on the HOST, in the operator's
+static (aux) data, together with its ``fingerprint``; the leaves are a device CACHE of it:
+
+* ``fresh()`` uploads NEW device arrays (``init`` calls it), so donating a state never deletes
+  a buffer another state or optimizer still uses;
+* a ``tag`` leaf (an int32 derived from the fingerprint, never 0 or 1) marks an intact cache;
+  ``repaired()`` checks the leaves' shapes and dtypes at trace time and the tag at run time and,
+  on a mismatch (a ``jax.tree.map(jnp.zeros_like, state)`` reset, an ``optax.tree.cast``, a
+  restore into placeholders), re-uploads the graph from the host through ``jax.pure_callback``
+  inside ``lax.cond``: an intact cache never embeds the graph as a constant, a broken one is
+  repaired in the returned state, so only one step pays the upload.
+* ``flax.serialization`` writes an operator as its fingerprint only, and restoring keeps the
+  template's arrays (after checking the fingerprints agree): checkpoints need not carry the
+  graph. ``isinstance(x, GraphOperator)`` finds graph subtrees for other checkpointers.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+from jax.experimental import sparse as jsparse
+
+from sevo_jax import graph as graph_lib
+
+__all__ = [
+    "MATMUL_CHUNK",
+    "MATMUL_IMPLS",
+    "GraphOperator",
+    "NormalizedGraph",
+    "as_normalized_graph",
+    "cache_tag",
+    "check_fingerprint",
+    "check_impl",
+    "default_matmul_impl",
+    "fingerprint_arrays",
+    "leaves_match",
+    "normalized_scipy",
+    "sparse_matmul",
+]
+
+MATMUL_IMPLS = ("chunked", "segment_sum", "bcoo")
+MATMUL_CHUNK = 16384
+
+RowwiseFn = Callable[..., jax.Array]  # (matmul, x, *operands) -> y, row-wise except through matmul
+
+
+def fingerprint_arrays(*arrays: np.ndarray, extra: str = "") -> str:
+    """A short content hash of host arrays (BLAKE2b over their dtypes, shapes and bytes).
+
+    Examples:
+      >>> fingerprint_arrays(np.arange(3)) == fingerprint_arrays(np.arange(3))
+      True
+      >>> fingerprint_arrays(np.arange(3)) == fingerprint_arrays(np.arange(4))
+      False
+    """
+    h = hashlib.blake2b(digest_size=12)
+    h.update(extra.encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        if a.size:
+            h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def cache_tag(fingerprint: str) -> int:
+    """The int32 ``tag`` marking an intact device cache of the graph named by ``fingerprint``.
+
+    Derived from the fingerprint and never 0 or 1, so a ``zeros_like`` or ``ones_like`` reset of
+    the state, or a state built for another graph, does not pass for intact.
+
+    Examples:
+      >>> 2 <= cache_tag("00ff") < 2**31
+      True
+    """
+    return (int(fingerprint[:8], 16) & 0x3FFFFFFF) | 0x40000000
+
+
+class GraphOperator(abc.ABC):
+    """``Ã`` as a linear operator on the rows of the stacked tables (the interface of psi).
+
+    Implementations are pytrees whose leaves are the device arrays of ``Ã`` plus an int32
+    ``tag``, and whose static data holds the host copy and ``fingerprint`` (module docstring).
+
+    * ``num_nodes``: rows of ``Ã`` (the stacked tables' total row count); ``nnz``: stored
+      non-zeros; ``fingerprint``: host-side content hash (equal graphs, equal strings);
+    * ``matmul(y)``: ``Ã @ y`` for ``y`` of shape (num_nodes, d);
+    * ``apply(fn, tables, operands=())``: ``fn(matmul, x, *operands)`` on the row-wise
+      concatenation ``x`` of ``tables``, split back; ``fn`` may mix rows only through
+      ``matmul`` (a sharded operator runs it on each device's block of rows). ``operands``
+      are scalars (e.g. a traced ``beta``) that ``fn`` needs: pass them here rather than
+      closing over them, so that a sharded operator can hand them to its ``shard_map``;
+    * ``fresh()``, ``abstract()``, ``is_intact()``, ``repaired()``: the device cache (module
+      docstring).
+    """
+
+    num_nodes: int
+    nnz: int
+
+    @property
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """Host-side content hash of the operator (graph, and layout for sharded ones)."""
+
+    @abc.abstractmethod
+    def matmul(self, y: jax.Array, impl: str | None = None) -> jax.Array:
+        """``Ã @ y`` for ``y`` of shape (num_nodes, d)."""
+
+    @abc.abstractmethod
+    def apply(self, fn: RowwiseFn, tables: Sequence[jax.Array], *, impl: str | None = None,
+              operands: Sequence[Any] = ()) -> list[jax.Array]:
+        """``fn(matmul, concatenate(tables), *operands)`` split back into the tables' row counts."""
+
+    @abc.abstractmethod
+    def fresh(self) -> GraphOperator:
+        """The same operator with NEW device arrays uploaded from the host copy."""
+
+    @abc.abstractmethod
+    def uploaded(self) -> GraphOperator:
+        """Leaves fetched from the host copy by ``jax.pure_callback``: what ``fresh`` is inside
+        a trace (``jax.jit(opt.init)``), where ``fresh`` would make the graph a constant."""
+
+    @abc.abstractmethod
+    def abstract(self) -> GraphOperator:
+        """The same operator with ``jax.ShapeDtypeStruct`` leaves (no device memory)."""
+
+    @abc.abstractmethod
+    def is_intact(self) -> jax.Array:
+        """Scalar bool: the leaves hold this graph (tag check; shapes/dtypes checked statically)."""
+
+    @abc.abstractmethod
+    def repaired(self) -> GraphOperator:
+        """This operator, its leaves re-uploaded from the host where ``is_intact`` fails."""
+
+
+def default_matmul_impl() -> str:
+    """``"chunked"`` on CPU, ``"segment_sum"`` elsewhere (measured: BENCHMARKS.md).
+
+    Examples:
+      >>> default_matmul_impl() in MATMUL_IMPLS
+      True
+    """
+    return "chunked" if jax.default_backend() == "cpu" else "segment_sum"
+
+
+def check_impl(impl: str | None) -> None:
+    """Raise ``ValueError`` unless ``impl`` is None or one of ``MATMUL_IMPLS``.
+
+    Examples:
+      >>> check_impl("chunked")
+      >>> check_impl("csr")
+      Traceback (most recent call last):
+      ...
+      ValueError: impl must be one of ('chunked', 'segment_sum', 'bcoo') or None, got 'csr'
+    """
+    if impl is not None and impl not in MATMUL_IMPLS:
+        raise ValueError(f"impl must be one of {MATMUL_IMPLS} or None, got {impl!r}")
+
+
+def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows: int,
+                  impl: str | None = None, chunk: int | None = None) -> jax.Array:
+    """``S @ x`` for the (num_rows x x.shape[0]) sparse ``S`` in row-sorted COO, in ``x.dtype``.
+
+    ``(S @ x)[r] = sum_k weights[k] x[indices[k, 1]]`` over the entries ``k`` with
+    ``indices[k, 0] = r``. Three formulations:
+
+    * ``"segment_sum"``: gather every ``x[col]``, scale, sorted segment sum (one parallel
+      pass; the GPU default);
+    * ``"chunked"``: the same products walked ``chunk`` non-zeros at a time in a
+      ``fori_loop``, so the (nnz, d) message buffer never exists, only a cache-sized one
+      (the CPU default: 0.4-0.6x scipy's CSR time from 4M non-zeros up, BENCHMARKS.md);
+    * ``"bcoo"``: ``jax.experimental.sparse.BCOO @ x``.
+
+    Entries whose row is out of range (``>= num_rows``: sharding's padding) are dropped.
+    ``chunk`` defaults to ``MATMUL_CHUNK``.
+
+    Examples:
+      >>> idx = jnp.array([[0, 1], [1, 0]], jnp.int32)   # S = [[0, 2], [3, 0]]
+      >>> sparse_matmul(idx, jnp.array([2.0, 3.0]), jnp.array([[1.0], [10.0]]), 2)
+      Array([[20.],
+             [ 3.]], dtype=float32)
+    """
+    check_impl(impl)
+    impl = default_matmul_impl() if impl is None else impl
+    chunk = MATMUL_CHUNK if chunk is None else int(chunk)
+    w = weights.astype(x.dtype)
+    rows, cols = indices[:, 0], indices[:, 1]
+    nnz = w.shape[0]
+    if impl == "bcoo":
+        a = jsparse.BCOO((w, indices), shape=(num_rows, x.shape[0]), indices_sorted=True)
+        return a @ x
+    if impl == "segment_sum" or nnz <= chunk:
+        return jax.ops.segment_sum(w[:, None] * x[cols], rows, num_segments=num_rows,
+                                   indices_are_sorted=True)
+    num_chunks = -(-nnz // chunk)
+    pad = num_chunks * chunk - nnz
+    # pad with copies of the last entry at weight 0, so rows stay sorted within every chunk
+    rows, cols, w = (jnp.pad(v, (0, pad), mode="edge").reshape(num_chunks, chunk)
+                     for v in (rows, cols, w))
+    w = w.at[-1, chunk - pad:].set(0)
+
+    def body(i, out):
+        return out.at[rows[i]].add(w[i][:, None] * x[cols[i]], indices_are_sorted=True, mode="drop")
+
+    # the first chunk seeds the carry, so it has the loop's type (also under shard_map)
+    return jax.lax.fori_loop(1, num_chunks, body, body(0, jnp.zeros((num_rows, x.shape[1]), x.dtype)))
+
+
+def leaves_match(leaves: Sequence[Any], specs: Sequence[jax.ShapeDtypeStruct]) -> bool:
+    """Trace-time check: every leaf has its spec's shape and dtype.
+
+    Examples:
+      >>> leaves_match([jnp.zeros(2)], [jax.ShapeDtypeStruct((2,), jnp.float32)])
+      True
+      >>> leaves_match([jnp.zeros(2, jnp.bfloat16)], [jax.ShapeDtypeStruct((2,), jnp.float32)])
+      False
+    """
+    return all(
+        hasattr(x, "shape") and hasattr(x, "dtype") and tuple(x.shape) == tuple(s.shape)
+        and jnp.dtype(x.dtype) == jnp.dtype(s.dtype)
+        for x, s in zip(leaves, specs)
+    )
+
+
+class HostCOO:
+    """The host (numpy) copy of a normalised graph: row-sorted COO, its fingerprint and tag.
+
+    Compared and hashed by fingerprint, so that it can sit in a pytree's static data.
+    """
+
+    def __init__(self, indices: np.ndarray, weights: np.ndarray, num_nodes: int):
+        self.indices = np.ascontiguousarray(indices, np.int32)
+        self.weights = np.ascontiguousarray(weights, np.float32)
+        self.num_nodes = int(num_nodes)
+        self.fingerprint = fingerprint_arrays(self.indices, self.weights,
+                                              extra=f"coo{self.num_nodes}")
+        self.tag = cache_tag(self.fingerprint)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HostCOO) and other.fingerprint == self.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    def specs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
+        return (jax.ShapeDtypeStruct(self.indices.shape, jnp.int32),
+                jax.ShapeDtypeStruct(self.weights.shape, jnp.float32),
+                jax.ShapeDtypeStruct((), jnp.int32))
+
+    def numpy_leaves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.indices, self.weights, np.asarray(self.tag, np.int32)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class NormalizedGraph(GraphOperator):
+    """``Ã = D^-1/2 A D^-1/2`` in row-sorted COO form on one device: the local operator.
+
+    Leaves: ``indices`` (nnz, 2) int32 ``(row, col)``, ``weights`` (nnz,) float32 and ``tag``
+    (int32 scalar, ``cache_tag(fingerprint)`` when intact). Static: the host copy (module
+    docstring). Build it with ``as_normalized_graph`` (raw adjacency) or ``from_scipy``
+    (already normalised).
+
+    Examples:
+      >>> g = as_normalized_graph(np.array([[0.0, 1.0], [1.0, 0.0]]))
+      >>> g
+      NormalizedGraph(num_nodes=2, nnz=2)
+      >>> g.matmul(jnp.array([[1.0], [2.0]]))
+      Array([[2.],
+             [1.]], dtype=float32)
+      >>> reset = jax.tree.map(jnp.zeros_like, g)     # a generic reset...
+      >>> bool(reset.is_intact()), bool(reset.repaired().is_intact())   # ...is repaired
+      (False, True)
+    """
+
+    def __init__(self, host: HostCOO, indices: Any, weights: Any, tag: Any):
+        self.host = host
+        self.indices = indices
+        self.weights = weights
+        self.tag = tag
+
+    # -- pytree --------------------------------------------------------------------------------
+    def tree_flatten_with_keys(self):
+        keys = [jax.tree_util.GetAttrKey(k) for k in ("indices", "weights", "tag")]
+        return tuple(zip(keys, (self.indices, self.weights, self.tag))), self.host
+
+    @classmethod
+    def tree_unflatten(cls, host, children):
+        return cls(host, *children)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_scipy(cls, normalized: sp.spmatrix) -> NormalizedGraph:
+        """Wrap an ALREADY-normalised scipy matrix (``as_normalized_graph`` normalises raw ones).
+
+        Examples:
+          >>> NormalizedGraph.from_scipy(sp.eye(3) * 0.5).nnz
+          3
+        """
+        csr = sp.csr_matrix(normalized)  # canonical CSR is sorted by (row, col)
+        csr.sum_duplicates()
+        rows = graph_lib.csr_row_ids(csr)
+        if csr.shape[0] >= 2**31:
+            raise ValueError(f"{csr.shape[0]} nodes do not fit int32 indices")
+        indices = np.stack([rows, csr.indices.astype(rows.dtype)], axis=1)
+        return cls(HostCOO(indices, csr.data, csr.shape[0]), None, None, None).fresh()
+
+    def to_scipy(self) -> sp.csr_matrix:
+        """``Ã`` as a float64 scipy CSR matrix (from the host copy).
+
+        Examples:
+          >>> as_normalized_graph(np.ones((2, 2))).to_scipy().toarray()
+          array([[0.5, 0.5],
+                 [0.5, 0.5]])
+        """
+        idx, data = self.host.indices, self.host.weights.astype(np.float64)
+        return sp.csr_matrix((data, (idx[:, 0], idx[:, 1])), shape=(self.num_nodes,) * 2)
+
+    # -- GraphOperator -------------------------------------------------------------------------
+    @property
+    def num_nodes(self) -> int:  # type: ignore[override]
+        return self.host.num_nodes
+
+    @property
+    def nnz(self) -> int:  # type: ignore[override]
+        return int(self.host.weights.shape[0])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.host.fingerprint
+
+    def __repr__(self) -> str:
+        return f"NormalizedGraph(num_nodes={self.num_nodes}, nnz={self.nnz})"
+
+    def matmul(self, y: jax.Array, impl: str | None = None) -> jax.Array:
+        """``Ã @ y`` for ``y`` of shape (num_nodes, d), accumulated in ``y.dtype`` (``sparse_matmul``).
+
+        Examples:
+          >>> g = as_normalized_graph(np.ones((2, 2)))
+          >>> g.matmul(jnp.array([[2.0], [4.0]]), impl="segment_sum")
+          Array([[3.],
+                 [3.]], dtype=float32)
+        """
+        return sparse_matmul(self.indices, self.weights, y, self.num_nodes, impl)
+
+    def apply(self, fn: RowwiseFn, tables: Sequence[jax.Array], *, impl: str | None = None,
+              operands: Sequence[Any] = ()) -> list[jax.Array]:
+        """``fn(matmul, x, *operands)`` on the concatenated ``tables``, split back (``GraphOperator``).
+
+        Examples:
+          >>> g = as_normalized_graph(np.ones((3, 3)) - np.eye(3))
+          >>> a, b = g.apply(lambda mm, x: mm(x), [jnp.ones((1, 2)), jnp.ones((2, 2))])
+          >>> a.shape, b.shape, float(a[0, 0])
+          ((1, 2), (2, 2), 1.0)
+        """
+        tables = list(tables)
+        x = tables[0] if len(tables) == 1 else jnp.concatenate(tables)
+        y = fn(lambda v: self.matmul(v, impl), x, *operands)
+        if len(tables) == 1:
+            return [y]
+        return list(jnp.split(y, np.cumsum([t.shape[0] for t in tables])[:-1]))
+
+    def fresh(self) -> NormalizedGraph:
+        """New device arrays from the host copy (donating them never touches another state).
+
+        Examples:
+          >>> g = as_normalized_graph(np.ones((2, 2)))
+          >>> g.fresh().weights is g.weights
+          False
+        """
+        return NormalizedGraph(self.host, *(jnp.array(x, copy=True) for x in self.host.numpy_leaves()))
+
+    def uploaded(self) -> NormalizedGraph:
+        """The host copy through ``jax.pure_callback`` (no constant when traced).
+
+        Examples:
+          >>> g = as_normalized_graph(np.ones((2, 2)))
+          >>> lowered = jax.jit(lambda: g.uploaded()).lower()
+          >>> bool(jnp.all(lowered.compile()().weights == g.weights))
+          True
+        """
+        return NormalizedGraph(self.host, *jax.pure_callback(self.host.numpy_leaves,
+                                                             self.host.specs()))
+
+    def abstract(self) -> NormalizedGraph:
+        """``jax.ShapeDtypeStruct`` leaves: the structure of a state without device memory.
+
+        Examples:
+          >>> as_normalized_graph(np.ones((2, 2))).abstract().weights
+          ShapeDtypeStruct(shape=(4,), dtype=float32)
+        """
+        return NormalizedGraph(self.host, *self.host.specs())
+
+    def is_intact(self) -> jax.Array:
+        """Scalar bool: shapes/dtypes are right (checked at trace time) and ``tag`` is intact.
+
+        Examples:
+          >>> g = as_normalized_graph(np.ones((2, 2)))
+          >>> cast = jax.tree.map(lambda t: t.astype(jnp.bfloat16), g)   # optax.tree.cast
+          >>> bool(g.is_intact()), bool(cast.is_intact())
+          (True, False)
+        """
+        leaves = (self.indices, self.weights, self.tag)
+        if not leaves_match(leaves, self.host.specs()):
+            return jnp.asarray(False)
+        return self.tag == self.host.tag
+
+    def repaired(self) -> NormalizedGraph:
+        """Leaves unchanged when intact, else re-uploaded from the host (``pure_callback``).
+
+        A dtype/shape mismatch (known at trace time) always re-uploads; a tag mismatch (known
+        at run time) re-uploads through ``lax.cond``, so an intact graph never becomes a
+        constant of the program.
+
+        Examples:
+          >>> g = as_normalized_graph(np.ones((2, 2)))
+          >>> cast = jax.tree.map(lambda t: t.astype(jnp.bfloat16), g)
+          >>> fixed = jax.jit(lambda g: g.repaired())(cast)
+          >>> fixed.weights.dtype, bool(fixed.is_intact())
+          (dtype('float32'), True)
+        """
+        leaves = (self.indices, self.weights, self.tag)
+        if not leaves_match(leaves, self.host.specs()):
+            return self.uploaded()
+        intact = self.tag == self.host.tag
+        upload = lambda: tuple(jax.tree.leaves(self.uploaded()))
+        return NormalizedGraph(self.host, *jax.lax.cond(intact, lambda: leaves, upload))
+
+
+def check_fingerprint(template: GraphOperator, state: dict) -> GraphOperator:
+    """flax.serialization restore of an operator: the template itself, if the fingerprints agree.
+
+    A checkpoint stores ``{"fingerprint": ...}`` for each graph operator; older checkpoints that
+    stored the arrays (no fingerprint) restore to the template's arrays too.
+
+    Examples:
+      >>> g = as_normalized_graph(np.ones((2, 2)))
+      >>> check_fingerprint(g, {"fingerprint": g.fingerprint}) is g
+      True
+      >>> check_fingerprint(g, {"fingerprint": "0" * 24})
+      Traceback (most recent call last):
+      ...
+      ValueError: the checkpoint's SEvo graph (fingerprint 000000000000000000000000) is not this optimizer's graph ...
+    """
+    stored = state.get("fingerprint")
+    if stored is not None and str(stored) != template.fingerprint:
+        raise ValueError(
+            f"the checkpoint's SEvo graph (fingerprint {stored}) is not this optimizer's graph "
+            f"(fingerprint {template.fingerprint}); rebuild the optimizer with the checkpoint's graph"
+        )
+    return template
+
+
+flax.serialization.register_serialization_state(
+    NormalizedGraph, lambda g: {"fingerprint": g.fingerprint}, check_fingerprint, override=True,
+)
+
+
+_CACHE: dict[int, tuple[Any, NormalizedGraph]] = {}
+
+
+def as_normalized_graph(adjacency: Any) -> NormalizedGraph:
+    """Validate a RAW symmetric adjacency ``A`` and return ``Ã = D^-1/2 A D^-1/2``.
+
+    Accepts a scipy sparse matrix/array, a dense numpy array, a
+    ``jax.experimental.sparse.BCOO``, or a ``NormalizedGraph`` (returned unchanged). The result
+    is cached by the identity of ``adjacency`` (while it is alive), so factories called again
+    with the same object (``optax.inject_hyperparams`` re-calls them in every update) do not
+    normalise it again; do not modify an adjacency in place after passing it. The operator
+    keeps a host copy of ``Ã`` (12 bytes per non-zero) besides each state's device copy.
+
+    Examples:
+      >>> g = as_normalized_graph(np.array([[0.0, 2.0], [2.0, 0.0]]))
+      >>> g.to_scipy().toarray()
+      array([[0., 1.],
+             [1., 0.]])
+    """
+    if isinstance(adjacency, NormalizedGraph):
+        return adjacency
+    hit = _CACHE.get(id(adjacency))
+    if hit is not None and hit[0]() is adjacency:
+        return hit[1]
+    graph = NormalizedGraph.from_scipy(normalized_scipy(adjacency))
+    try:
+        import weakref
+
+        key = id(adjacency)
+        ref = weakref.ref(adjacency, lambda _: _CACHE.pop(key, None))
+    except TypeError:  # an object without weak references: not cached
+        return graph
+    _CACHE[key] = (ref, graph)
+    return graph
+
+
+def normalized_scipy(adjacency: Any) -> sp.csr_matrix:
+    """``Ã`` on the host as scipy CSR (``as_normalized_graph`` without the device).
+
+    Used by the sharded operator so that a million-node graph never sits whole on one device.
+
+    Examples:
+      >>> normalized_scipy(np.array([[0.0, 4.0], [4.0, 0.0]])).toarray()
+      array([[0., 1.],
+             [1., 0.]])
+    """
+    if isinstance(adjacency, NormalizedGraph):
+        return adjacency.to_scipy()
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(adjacency)):
+        raise TypeError(
+            "adjacency is a traced array: optax.inject_hyperparams injects numpy/JAX arrays as "
+            "hyperparameters; pass a scipy.sparse matrix or a NormalizedGraph "
+            "(sevo_jax.as_normalized_graph(A)), or static_args=('adjacency',)"
+        )
+    if isinstance(adjacency, jsparse.BCOO):
+        if adjacency.n_batch or adjacency.n_dense or adjacency.ndim != 2:
+            raise ValueError(
+                f"adjacency must be a 2-D BCOO matrix without batch/dense dims, got {adjacency}"
+            )
+        idx = np.asarray(adjacency.indices)
+        adjacency = sp.coo_matrix(
+            (np.asarray(adjacency.data, np.float64), (idx[:, 0], idx[:, 1])),
+            shape=adjacency.shape,
+        )
+    elif isinstance(adjacency, (np.ndarray, jax.Array)):
+        arr = np.asarray(adjacency)
+        if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
+            raise ValueError(f"adjacency must be a square matrix, got shape {arr.shape}")
+        adjacency = sp.csr_matrix(arr)
+    elif not sp.issparse(adjacency):
+        raise TypeError(
+            "adjacency must be a scipy.sparse matrix, a numpy array, a "
+            f"jax.experimental.sparse.BCOO or a NormalizedGraph, got {type(adjacency).__name__}"
+        )
+    return graph_lib.normalize(adjacency)
