@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sevo_jax import masks
+
 __all__ = [
     "SEVO_TABLES",
     "BiasFreeGRU",
@@ -424,24 +426,15 @@ class MFBPR(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def sevo_mask(params: Any, tables: tuple[str, ...] = SEVO_TABLES) -> Any:
     """Pytree of bools over ``params``: True exactly for the embedding tables SEvo smooths.
 
     A leaf is selected when it is named ``embedding`` and a module on its path is one of
     ``tables`` (by default the item tables of SASRec/GRU4Rec and both MF-BPR tables; positional
-    embeddings are not selected). Works on ``params`` or on the full ``{"params": ...}`` dict,
-    and plugs into ``optax.masked``.
+    embeddings are not selected). Works on Linen ``params`` or the full ``{"params": ...}``
+    dict, on Flax NNX state (``nnx.Optimizer``'s ``tx.init`` and ``tx.update`` arguments) and on
+    plain dicts, and plugs into ``optax.masked``. Built on :func:`sevo_jax.masks.select_tables`
+    with the paths ``{table}/embedding`` and ``{table}/*/embedding``.
     """
-
-    def is_table(path, _leaf) -> bool:
-        names = [_key_name(entry) for entry in path]
-        return bool(names) and names[-1] == "embedding" and any(n in tables for n in names[:-1])
-
-    return jax.tree_util.tree_map_with_path(is_table, params)
+    patterns = [p for t in tables for p in (f"{t}/embedding", f"{t}/*/embedding")]
+    return masks.select_tables(*patterns)(params)
