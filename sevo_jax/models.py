@@ -100,6 +100,7 @@ class SASRec(nn.Module):
     num_blocks: int = 2
     num_heads: int = 1
     dropout: float = 0.3
+    mask_padding_keys: bool = True
 
     def setup(self) -> None:
         self.item_embedding = nn.Embed(
@@ -131,7 +132,9 @@ class SASRec(nn.Module):
         # Query i sees keys j <= i that are not padding. Padding queries may see no key at
         # all; Flax fills masked logits with the dtype's minimum (not -inf), so such rows get
         # a finite uniform softmax and are zeroed by `keep` right after.
-        mask = nn.make_causal_mask(seqs, dtype=bool) & valid[:, None, None, :]
+        mask = nn.make_causal_mask(seqs, dtype=bool)
+        if self.mask_padding_keys:
+            mask = mask & valid[:, None, None, :]
         for block in self.blocks:
             x = block(x, mask, deterministic=deterministic) * keep
         return self.final_norm(x)
