@@ -133,7 +133,8 @@ def fit_nnx(config: training.TrainConfig, ds: data.SequenceDataset, model: SASRe
     @nnx.jit
     def scorer(model, inputs, targets, seen):   # training.evaluate's scorer contract
         scores = model.score_all(model(inputs, deterministic=True)[:, -1])
-        exclude = jnp.zeros(scores.shape, bool).at[jnp.arange(seen.shape[0])[:, None], seen].set(True)
+        rows = jnp.arange(seen.shape[0])[:, None]
+        exclude = jnp.zeros(scores.shape, bool).at[rows, seen].set(True)
         return metrics.ranking_metrics(metrics.target_ranks(scores, targets, exclude))
 
     examples = training.training_examples(config, ds)
@@ -144,10 +145,12 @@ def fit_nnx(config: training.TrainConfig, ds: data.SequenceDataset, model: SASRe
         t0 = time.perf_counter()
         rng = np.random.default_rng([config.seed, epoch])      # the trainer's batches
         epoch_key = jax.random.fold_in(base_key, epoch)
+        batches = examples.epoch_batches(sampler, config.batch_size, rng)
         losses = [train_step(model, optimizer, batch, jax.random.fold_in(epoch_key, step))
-                  for step, batch in enumerate(examples.epoch_batches(sampler, config.batch_size, rng))]
+                  for step, batch in enumerate(batches)]
         best["losses"].append(float(np.mean(jax.device_get(losses))))
-        line = f"epoch {epoch:3d}  loss {best['losses'][-1]:.4f}  ({time.perf_counter() - t0:.1f} s)"
+        seconds = time.perf_counter() - t0
+        line = f"epoch {epoch:3d}  loss {best['losses'][-1]:.4f}  ({seconds:.1f} s)"
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             valid = training.evaluate(config, scorer, model, ds, "valid")
             line += f"  valid NDCG@10 {valid['NDCG@10']:.4f}"

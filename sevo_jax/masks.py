@@ -66,7 +66,7 @@ class TableSelection:
             if "/" not in pattern and not _GLOB_CHARS & set(pattern):
                 if pattern in names:
                     return True
-            elif fnmatch.fnmatchcase(joined, pattern) or fnmatch.fnmatchcase(joined, "*/" + pattern):
+            elif any(fnmatch.fnmatchcase(joined, p) for p in (pattern, "*/" + pattern)):
                 return True
         return False
 

@@ -324,7 +324,8 @@ class BiasFreeGRU(nn.Module):
     def __call__(self, x: jax.Array, valid: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """Final states ``(B, d)`` of time-major ``x (T, B, d_in)`` (:func:`masked_gru`)."""
         w_input = self.param("input_kernel", self.kernel_init, (x.shape[-1], 3 * self.features))
-        w_recurrent = self.param("recurrent_kernel", self.kernel_init, (self.features, 3 * self.features))
+        w_recurrent = self.param("recurrent_kernel", self.kernel_init,
+                                 (self.features, 3 * self.features))
         rate = 0.0 if deterministic else self.dropout
         key = self.make_rng("dropout") if rate else None
         return masked_gru(w_input, w_recurrent, x, valid, self.row_groups, rate, key)

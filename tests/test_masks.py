@@ -136,4 +136,5 @@ def test_nnx_optimizer_step_equals_the_same_step_on_plain_arrays():
     moved = np.abs(got["item_embedding"]["embedding"] - before["item_embedding"]["embedding"])
     plain_adam = optax.adamw(1e-2, weight_decay=0.0)
     adam_updates, _ = plain_adam.update(plain_grads, plain_adam.init(before), before)
-    assert (moved.sum(1) > 0).sum() > (np.abs(adam_updates["item_embedding"]["embedding"]).sum(1) > 0).sum()
+    adam_moved = np.abs(adam_updates["item_embedding"]["embedding"])
+    assert (moved.sum(1) > 0).sum() > (adam_moved.sum(1) > 0).sum()
