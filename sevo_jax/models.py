@@ -89,9 +89,17 @@ class SASRec(nn.Module):
     Input: left-padded item sequences ``(B, T)`` int, ``T <= maxlen``, most recent item last.
     ``h_0 = Dropout(sqrt(d) * E[seq] + P)`` with learned positions ``P``, then ``num_blocks``
     causal blocks (:class:`SASRecBlock`) and a final LayerNorm. Hidden states of padding
-    positions are zeroed after the embedding and after every block, and padding keys are
-    masked out of attention. Positions are right-aligned (the last input column always uses position
-    ``maxlen - 1``), so inputs shorter than ``maxlen`` behave as if left-padded to ``maxlen``.
+    positions are zeroed after the embedding and after every block. Positions are right-aligned
+    (the last input column always uses position ``maxlen - 1``), so inputs shorter than
+    ``maxlen`` behave as if left-padded to ``maxlen``.
+
+    ``mask_padding_keys`` (default True): query ``i`` attends to keys ``j <= i`` that are not
+    padding. The SEvo reference implementation (MTandHJ/SEvo ``SASRec/main.py``) applies only
+    the causal mask, so there a real item also attends to the left padding, whose zeroed states
+    contribute the key/value biases; ``mask_padding_keys=False`` computes exactly that. The
+    default is kept because every result in RESULTS.md was trained with it and the two differ by
+    less than the seed noise on the synthetic set (validation NDCG@10, RESULTS.md "SASRec:
+    padding keys").
     """
 
     num_items: int

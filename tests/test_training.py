@@ -143,6 +143,7 @@ def test_sevo_beats_adamw_on_planted_clusters(tmp_path):
                                    num_blocks=1, batch_size=128, patience=None, progress=False,
                                    out=str(tmp_path / opt))
         scores[opt] = training.fit(cfg, dataset=ds, log=lambda s: None)["valid"]["NDCG@10"]
+    print(scores)
     assert scores["sevo-adamw"] > 1.05 * scores["adamw"], scores
 
 
