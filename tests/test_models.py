@@ -96,6 +96,21 @@ def test_sasrec_padding_invariance(sasrec):
     np.testing.assert_allclose(short[:, -5:], full[:, -5:], atol=1e-5)
 
 
+def test_sasrec_reference_mask_lets_items_attend_to_padding(sasrec):
+    """mask_padding_keys=False (the reference's causal-only mask) equals the default on rows
+    without padding; on padded rows the padding keys contribute, so the output depends on how
+    much left padding there is (which the default avoids)."""
+    model, params, _ = sasrec
+    reference = model.clone(mask_padding_keys=False)
+    run = lambda m, x: m.apply({"params": params}, x, deterministic=True)  # noqa: E731
+    full = jnp.asarray(np.arange(1, 21)[None, :] % 30 + 1)
+    np.testing.assert_array_equal(run(reference, full), run(model, full))
+    items = [[3, 1, 4, 1, 5]]
+    short, padded = run(reference, left_pad(items, 10)), run(reference, left_pad(items, 20))
+    assert np.abs(short[:, -1] - padded[:, -1]).max() > 1e-2
+    assert np.abs(padded[:, -1] - run(model, left_pad(items, 20))[:, -1]).max() > 1e-2
+
+
 def test_sasrec_rejects_sequences_longer_than_maxlen(sasrec):
     _, params, forward = sasrec
     with pytest.raises(ValueError, match="maxlen"):

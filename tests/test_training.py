@@ -143,8 +143,8 @@ def test_sevo_beats_adamw_on_planted_clusters(tmp_path):
                                    num_blocks=1, batch_size=128, patience=None, progress=False,
                                    out=str(tmp_path / opt))
         scores[opt] = training.fit(cfg, dataset=ds, log=lambda s: None)["valid"]["NDCG@10"]
-    print(scores)
-    assert scores["sevo-adamw"] > 1.05 * scores["adamw"], scores
+    # measured 0.333 (SEvo-AdamW) vs 0.291 (AdamW) on CPU, jax 0.10.2
+    assert scores["sevo-adamw"] > 0.31 and scores["sevo-adamw"] > 1.05 * scores["adamw"], scores
 
 
 def test_no_validation_or_test_item_reaches_training_or_the_graph(small_ds, tmp_path):
