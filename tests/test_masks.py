@@ -112,6 +112,20 @@ def test_optax_masked_takes_the_selection():
     updates, _ = tx.update(params, tx.init(params))
     np.testing.assert_array_equal(updates["item_embedding"]["embedding"], -np.ones((3, 2)))
     np.testing.assert_array_equal(updates["dense"]["kernel"], np.ones(2))
+    # the same through nnx.Optimizer (tx.init sees Variable nodes); optax.masked passes the
+    # unselected leaves' gradients through unchanged
+    model = TwoTables(nnx.Rngs(0))
+    before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, optax.masked(optax.sgd(1.0), select_tables("item_embedding")),
+                              wrt=nnx.Param)
+    grads = nnx.grad(lambda m: m(jnp.array([[1, 2, 5, 0]])))(model)
+    optimizer.update(model, grads)
+    after, g = nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(grads)
+    table = ("item_embedding", "embedding")
+    np.testing.assert_allclose(after[table[0]][table[1]],
+                               before[table[0]][table[1]] - g[table[0]][table[1]], rtol=1e-6)
+    np.testing.assert_allclose(after["blocks"][0]["kernel"],
+                               before["blocks"][0]["kernel"] + g["blocks"][0]["kernel"], rtol=1e-6)
 
 
 def test_nnx_optimizer_step_equals_the_same_step_on_plain_arrays():
