@@ -121,8 +121,6 @@ def test_resume_gives_identical_metrics(tmp_path, small_ds):
     records = [[{k: v for k, v in json.loads(x).items() if k != "train_seconds"} for x in lines]
                for lines in (a, b)]
     assert records[0] == records[1]
-    losses = [r["loss"] for r in records[0]]
-    assert losses[-1] < losses[0] - 0.01, losses  # SEvo-AdamW lowers the training loss
 
 
 def test_resume_refuses_a_different_config(tmp_path, small_ds):
