@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--num-users", type=int, default=1000, help="synthetic data size")
+    parser.add_argument("--batch-size", type=int)
     parser.add_argument("--maxlen", type=int)
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--dropout", type=float)
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ds = data.synthetic(num_users=args.num_users)
     config = training.TrainConfig(optimizer=args.optimizer, epochs=args.epochs, seed=args.seed,
-                                  eval_every=args.eval_every, maxlen=args.maxlen,
+                                  eval_every=args.eval_every, batch_size=args.batch_size,
+                                  maxlen=args.maxlen,
                                   features=args.features, dropout=args.dropout)
     result = fit_nnx(config, ds)
     valid = result["valid"]
