@@ -29,20 +29,21 @@ EVAL_BATCH_SIZE = 1024
 def left_pad(seqs, maxlen):
     """Cut each sequence to its last `maxlen` items and left-pad with 0 -> (len(seqs), maxlen)."""
     out = np.zeros((len(seqs), maxlen), np.int32)
-    for row, s in zip(out, seqs):
+    for row, s in zip(out, seqs, strict=True):
         s = s[-maxlen:]
         row[maxlen - len(s):] = s
     return out
 
 
-def main():
+def main(argv=None):
+    """Train, evaluate, print; returns the model, params, data set, epoch losses and metrics."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="seqtxt file (`user item item ...`); default: synthetic")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--optimizer", choices=["sevo-adamw", "adamw"], default="sevo-adamw")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-users", type=int, default=1000, help="synthetic data size")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     ds = data.load_seqtxt(args.data) if args.data else data.synthetic(num_users=args.num_users)
     print(ds)
@@ -85,8 +86,10 @@ def main():
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
     num_steps = max(ds.num_users // BATCH_SIZE, 1)  # drop the last partial batch
+    epoch_losses = []
     for epoch in range(1, args.epochs + 1):
         t0, losses = time.perf_counter(), []
+        epoch_losses.append(losses)
         order = rng.permutation(ds.num_users)
         # One uniform negative per target (the trainer also excludes the user's seen items).
         negatives = rng.integers(1, ds.num_items + 1, size=targets.shape, dtype=np.int32)
@@ -108,6 +111,8 @@ def main():
                              seen[rows].toarray()))
     result = acc.compute()
     print(f"valid ({args.optimizer}): NDCG@10 {result['NDCG@10']:.4f}  HR@10 {result['HR@10']:.4f}")
+    return {"model": model, "params": params, "dataset": ds, "valid": result,
+            "losses": [float(np.mean(jax.device_get(x))) for x in epoch_losses]}
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import optax
 import pytest
 
 from sevo_jax.models import (
-    GRU4Rec,
     MFBPR,
+    GRU4Rec,
     SASRec,
     bias_free_gru_step,
     bpr_loss,
@@ -94,6 +94,21 @@ def test_sasrec_padding_invariance(sasrec):
     full = forward(params, left_pad(items, 20))
     np.testing.assert_allclose(short[:, -1], full[:, -1], atol=1e-5)
     np.testing.assert_allclose(short[:, -5:], full[:, -5:], atol=1e-5)
+
+
+def test_sasrec_reference_mask_lets_items_attend_to_padding(sasrec):
+    """mask_padding_keys=False (the reference's causal-only mask) equals the default on rows
+    without padding; on padded rows the padding keys contribute, so the output depends on how
+    much left padding there is (which the default avoids)."""
+    model, params, _ = sasrec
+    reference = model.clone(mask_padding_keys=False)
+    run = lambda m, x: m.apply({"params": params}, x, deterministic=True)  # noqa: E731
+    full = jnp.asarray(np.arange(1, 21)[None, :] % 30 + 1)
+    np.testing.assert_array_equal(run(reference, full), run(model, full))
+    items = [[3, 1, 4, 1, 5]]
+    short, padded = run(reference, left_pad(items, 10)), run(reference, left_pad(items, 20))
+    assert np.abs(short[:, -1] - padded[:, -1]).max() > 1e-2
+    assert np.abs(padded[:, -1] - run(model, left_pad(items, 20))[:, -1]).max() > 1e-2
 
 
 def test_sasrec_rejects_sequences_longer_than_maxlen(sasrec):
@@ -201,9 +216,10 @@ def test_masked_gru_value_and_gradients_match_a_plain_scan(row_groups):
 
     got = masked_gru(w_i, w_h, x, valid, row_groups)
     np.testing.assert_allclose(got, _reference_gru(w_i, w_h, x, valid), atol=1e-6)
-    grads = jax.grad(loss(lambda *a: masked_gru(*a, row_groups)), argnums=(0, 1, 2))(w_i, w_h, x, valid)
+    grouped = loss(lambda *a: masked_gru(*a, row_groups))
+    grads = jax.grad(grouped, argnums=(0, 1, 2))(w_i, w_h, x, valid)
     expected = jax.grad(loss(_reference_gru), argnums=(0, 1, 2))(w_i, w_h, x, valid)
-    for g, e in zip(grads, expected):
+    for g, e in zip(grads, expected, strict=True):
         np.testing.assert_allclose(g, e, atol=1e-5)
 
 
@@ -224,7 +240,8 @@ def test_masked_gru_backward_with_dropout_matches_autodiff():
         return _groups_scan(w_i, w_h, x.reshape(x_g.shape), valid_g, key, 0.4)[0].sum()
 
     np.testing.assert_allclose(ours(w_i, w_h, x), autodiff(w_i, w_h, x), rtol=1e-6)
-    for g, e in zip(jax.grad(ours, (0, 1, 2))(w_i, w_h, x), jax.grad(autodiff, (0, 1, 2))(w_i, w_h, x)):
+    ours_grads = jax.grad(ours, (0, 1, 2))(w_i, w_h, x)
+    for g, e in zip(ours_grads, jax.grad(autodiff, (0, 1, 2))(w_i, w_h, x), strict=True):
         np.testing.assert_allclose(g, e, atol=1e-5)
 
 
@@ -279,7 +296,8 @@ def test_mfbpr_tables_and_flatten_order():
 def test_sevo_mask_selects_only_the_tables(sasrec, gru4rec):
     for _, params, _ in (sasrec, gru4rec):
         mask = sevo_mask(params)
-        selected = [p for p, m in zip(paths(params), jax.tree_util.tree_leaves(mask)) if m]
+        flags = jax.tree_util.tree_leaves(mask)
+        selected = [p for p, m in zip(paths(params), flags, strict=True) if m]
         assert selected == ["item_embedding/embedding"]
         assert sevo_mask({"params": params})["params"]["item_embedding"]["embedding"]
 

@@ -2,13 +2,16 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-import scipy.sparse as sp
 import pytest
+import scipy.sparse as sp
 
-from sevo_jax import data, training
+from sevo_jax import data, models, training
+from sevo_jax.masks import path_names
 from sevo_jax.train import main
-from tests import helpers
+from tests import helpers, oracle
 
 KEYS = {"HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"}
 SMALL = dict(maxlen=12, features=16, num_blocks=1, batch_size=64, progress=False)
@@ -34,20 +37,71 @@ def test_cli_runs_one_epoch_and_writes_results(tmp_path, capsys):
     assert "| test |" in printed and "NDCG@10" in printed
 
 
+class TrainerOracle(oracle.Oracle):
+    """The float64 oracle of spec §3; without SEvo tables it is the plain optimizer."""
+
+    def _psi_tables(self, d):
+        return super()._psi_tables(d) if self.smooth else d
+
+
+def flat(tree):
+    """``{"a/b/c": float64 array}`` in flatten order."""
+    pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(path_names(p)): np.asarray(v, np.float64) for p, v in pairs}
+
+
+@pytest.mark.parametrize("model,optimizer", [
+    *[("sasrec", opt) for opt in training.OPTIMIZERS],
+    ("gru4rec", "sevo-adamw"), ("mfbpr", "sevo-sgd"),
+])
+def test_train_step_equals_the_oracle_step(small_ds, model, optimizer):
+    """One step of the trainer's jitted train_step moves every parameter as the float64 oracle
+    (AdamW / Adam with L2 / SGD with momentum; psi of the direction on the SEvo tables) does,
+    on the same gradients; a step that did nothing would miss by ~lr."""
+    cfg = training.TrainConfig(model=model, optimizer=optimizer, momentum=0.9, weight_decay=0.05,
+                               **SMALL).resolved()
+    _, optimizer_tx, params, opt_state = training.init_training(cfg, small_ds)
+    batch = next(training.training_examples(cfg, small_ds).epoch_batches(
+        training.NegativeSampler(small_ds), cfg.batch_size, np.random.default_rng(0)))
+    key = jax.random.PRNGKey(7)
+    loss_fn = training.make_loss_fn(cfg, training.build_model(cfg, small_ds))
+    grads = jax.jit(jax.grad(loss_fn))(params, batch, key)
+    before = flat(params)
+    step = training.make_train_step(loss_fn, optimizer_tx)
+    new_params, _, _ = step(jax.tree.map(jnp.array, params), opt_state, batch, key)
+
+    tables = [k for k, m in flat(models.sevo_mask(params)).items() if m]
+    sevo = optimizer.startswith("sevo")
+    kind = "adamw" if optimizer.endswith("adamw") else optimizer.removeprefix("sevo-")
+    a_norm = oracle.normalize(training.build_graph(cfg, small_ds).toarray()) if sevo else None
+    ref = TrainerOracle(kind, before, tables if sevo else [], a_norm, lr=cfg.lr, beta=cfg.beta,
+                        num_layers=cfg.num_layers, approx=cfg.approx, b1=cfg.b1, b2=cfg.b2,
+                        eps=cfg.eps, wd=cfg.weight_decay, momentum=cfg.momentum)
+    g = flat(grads)
+    want = ref.step(g)
+    got = flat(new_params)
+    moved = max(np.abs(want[k] - before[k]).max() for k in want)
+    assert moved > 1e-4
+    for name in want:
+        # Adam's direction g / (|g| + eps) of a gradient that is float noise (attention's key
+        # bias: softmax ignores it) depends on the rounding of the jitted step's own gradient.
+        # SEvo tables mix rows, so they are compared whole.
+        if name not in tables and kind != "sgd":
+            check = np.abs(g[name]) > 1e-6
+        else:
+            check = np.ones(g[name].shape, bool)
+        np.testing.assert_allclose(got[name][check], want[name][check], rtol=0,
+                                   atol=2e-3 * moved, err_msg=name)
+
+
 @pytest.mark.parametrize("model", ["sasrec", "gru4rec", "mfbpr"])
-@pytest.mark.parametrize("optimizer", ["adamw", "sevo-adamw"])
-def test_every_model_trains(tmp_path, small_ds, model, optimizer):
-    cfg = training.TrainConfig(model=model, optimizer=optimizer, epochs=2, eval_every=2,
-                               out=str(tmp_path), **SMALL)
+def test_every_model_fits_and_its_loss_falls(tmp_path, small_ds, model):
+    cfg = training.TrainConfig(model=model, optimizer="sevo-adamw", epochs=3, eval_every=3,
+                               lr=3e-3, out=str(tmp_path), **SMALL)
     results = training.fit(cfg, dataset=small_ds, log=lambda s: None)
-    assert np.isfinite(list(results["test"].values())).all()
-
-
-@pytest.mark.parametrize("optimizer", ["adam", "sevo-adam", "sgd", "sevo-sgd"])
-def test_other_optimizers_train(tmp_path, small_ds, optimizer):
-    cfg = training.TrainConfig(optimizer=optimizer, epochs=1, out=str(tmp_path), momentum=0.9, **SMALL)
-    results = training.fit(cfg, dataset=small_ds, log=lambda s: None)
-    assert np.isfinite(results["test"]["NDCG@10"])
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[2] < losses[1] < losses[0], losses
+    assert set(results["test"]) >= KEYS and results["best_epoch"] == 3
 
 
 def test_resume_gives_identical_metrics(tmp_path, small_ds):
@@ -64,8 +118,9 @@ def test_resume_gives_identical_metrics(tmp_path, small_ds):
     assert resumed["best_epoch"] == straight["best_epoch"]
     a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "train_seconds"} for x in lines]
-    assert strip(a) == strip(b)
+    records = [[{k: v for k, v in json.loads(x).items() if k != "train_seconds"} for x in lines]
+               for lines in (a, b)]
+    assert records[0] == records[1]
 
 
 def test_resume_refuses_a_different_config(tmp_path, small_ds):
@@ -86,7 +141,8 @@ def test_sevo_beats_adamw_on_planted_clusters(tmp_path):
                                    num_blocks=1, batch_size=128, patience=None, progress=False,
                                    out=str(tmp_path / opt))
         scores[opt] = training.fit(cfg, dataset=ds, log=lambda s: None)["valid"]["NDCG@10"]
-    assert scores["sevo-adamw"] > 1.05 * scores["adamw"], scores
+    # measured 0.333 (SEvo-AdamW) vs 0.291 (AdamW) on CPU, jax 0.10.2
+    assert scores["sevo-adamw"] > 0.31 and scores["sevo-adamw"] > 1.05 * scores["adamw"], scores
 
 
 def test_no_validation_or_test_item_reaches_training_or_the_graph(small_ds, tmp_path):
@@ -99,7 +155,7 @@ def test_no_validation_or_test_item_reaches_training_or_the_graph(small_ds, tmp_
             if key not in ex.arrays:
                 continue
             arr = ex.arrays[key].reshape(len(users), -1)
-            for row, u in zip(arr, users):
+            for row, u in zip(arr, users, strict=True):
                 items = set(row[row > 0].tolist())
                 train = set(ds.train_sequences()[u].tolist())
                 assert items <= train
