@@ -28,7 +28,7 @@ BOUNDS = {
     "grad_rel": 1e-4,
     "update_same_grads_lr": 1e-3,
     "train_loss": 1e-4,
-    "train_param_lr": 1e-2,
+    "train_param_lr": 5e-2,
     "metrics": 2e-3,
 }
 MODELS = ("sasrec", "gru4rec")
