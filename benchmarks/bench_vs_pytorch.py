@@ -48,7 +48,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -335,7 +334,10 @@ def flax_to_torch(model: str, params) -> dict:
         b = params[name]
         att = b["attention"]
         d = np.asarray(att["query"]["kernel"]).shape[0]
-        w = lambda k: np.asarray(att[k]["kernel"]).reshape(d, -1).T       # (out, in)
+
+        def w(k, att=att, d=d):  # torch layout (out, in)
+            return np.asarray(att[k]["kernel"]).reshape(d, -1).T
+
         out.update({
             f"attention_norms.{i}.weight": t(b["attention_norm"]["scale"]),
             f"attention_norms.{i}.bias": t(b["attention_norm"]["bias"]),
@@ -756,9 +758,6 @@ def summarize_pair(times: dict, ours: str, theirs: str, per: int) -> dict:
 def time_train_steps(setup, ref, m: str, o: str) -> dict:
     import jax
     import jax.numpy as jnp
-    import torch
-
-    from sevo_jax import training
 
     args, cfg = setup.args, setup.configs[(m, o)]
     dropout = 0.0 if args.smoke else cfg.dropout  # --smoke: reuse the agreement's compiled step
