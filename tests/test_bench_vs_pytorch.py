@@ -30,11 +30,15 @@ BOUNDS = {
     "train_loss": 1e-4,
     "train_param_lr": 5e-2,
     "metrics": 2e-3,
+    "rank_mismatch_fraction": 5e-3,
+    "max_rank_difference": 1,
 }
 MODELS = ("sasrec", "gru4rec")
 OPTIMIZERS = ("adamw", "sevo-adamw")
 CHECKS = (["graph_weights", "psi_vs_torch", "psi_vs_scipy"]
-          + [f"{m}_{k}" for m in MODELS for k in ("loss", "grad_rel", "metrics")]
+          + [f"{m}_{k}" for m in MODELS
+             for k in ("loss", "grad_rel", "metrics", "rank_mismatch_fraction",
+                       "max_rank_difference")]
           + [f"{m}_{o}_{k}" for m in MODELS for o in OPTIMIZERS
              for k in ("update_same_grads_lr", "train_loss", "train_param_lr")])
 
