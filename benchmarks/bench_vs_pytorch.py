@@ -28,7 +28,7 @@ abs differences; it stops with a one-line error when one exceeds its tolerance):
 * three optimizer updates fed identical gradients (AdamW and SEvo-AdamW, both models), in
   units of the learning rate;
 * three full training steps (losses and parameters);
-* the full-ranking validation metrics (HR@k, NDCG@k).
+* the full-ranking validation metrics (HR@k, NDCG@k) and every user's target rank.
 
 Then, in ONE process pinned to one core (``_util.limit_threads``: one thread per library,
 ``--xla_cpu_multi_thread_eigen=false``, ``torch.set_num_threads(1)``), blocks alternate A B /
