@@ -54,8 +54,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import scipy.sparse as sp
 
-from sevo_jax import sharding as sharding_lib
-from sevo_jax import smoothing
+from sevo_jax.operator import GraphOperator, normalized_scipy
 
 __all__ = [
     "FAULT_ENV",
@@ -91,7 +90,7 @@ def committed_epochs(directory: str | os.PathLike) -> list[int]:
 
 def is_graph(x: Any) -> bool:
     """Whether ``x`` is a graph operator carried in an optimizer state (rebuilt, never stored)."""
-    return isinstance(x, (smoothing.NormalizedGraph, sharding_lib.ShardedGraph))
+    return isinstance(x, GraphOperator)
 
 
 def without_graphs(tree: Any) -> Any:
@@ -109,7 +108,7 @@ def graph_fingerprint(adjacency: Any) -> str:
     """SHA-256 of the normalised graph ``Ã`` (shape, then CSR indices and float32 weights),
     computed on the host from the RAW ``adjacency`` before any mesh padding, so it does not
     depend on the mesh."""
-    csr = sp.csr_matrix(smoothing.normalized_scipy(adjacency))
+    csr = sp.csr_matrix(normalized_scipy(adjacency))
     csr.sum_duplicates()
     csr.sort_indices()
     h = hashlib.sha256(np.asarray(csr.shape, np.int64).tobytes())

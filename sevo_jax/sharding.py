@@ -2,8 +2,7 @@
 
 ``MeshPlan`` row-shards the embedding tables SEvo smooths (``P(axis, None)``) and their
 optimizer-state moments, splits batches by examples and replicates the rest; ``build_mesh`` /
-``parse_mesh_spec`` turn ``--mesh NAME=SIZE`` into a ``jax.sharding.Mesh``; ``to_host`` gathers
-global arrays; ``pad_rows`` / ``pad_adjacency`` pad tables (and their graph) to a multiple of
+``parse_mesh_spec`` turn ``--mesh NAME=SIZE`` into a ``jax.sharding.Mesh``; ``pad_rows`` / ``pad_adjacency`` pad tables (and their graph) to a multiple of
 the axis size. The row-sharded psi itself lives in the library core
 (``sevo_jax.operator_sharded.ShardedGraph``, used by ``sevo_smooth(mesh=, axis_name=)``);
 this module only imports from it.
@@ -48,7 +47,6 @@ __all__ = [
     "pad_rows",
     "parse_mesh_spec",
     "row_sharding",
-    "to_host",
 ]
 
 
@@ -121,20 +119,6 @@ def build_mesh(spec: str) -> Mesh:
                          f"jax.device_count() = {count} (every process needs devices in it)")
     return jax.make_mesh((size,), (name,), axis_types=(AxisType.Auto,),
                          devices=jax.devices()[:size])
-
-
-def to_host(tree: Any) -> Any:
-    """``jax.device_get``; on several processes, gathers every (global) array to each host."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    def get(x):  # a global array: its whole value on every host; anything local: as is
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return jax.device_get(x)
-
-    return jax.tree_util.tree_map(get, tree)
 
 
 class StepShardings(NamedTuple):

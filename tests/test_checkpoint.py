@@ -76,13 +76,14 @@ def _expected(cfg, ds):
 def test_graphs_are_left_out_and_put_back(small_ds):
     import jax
 
-    from sevo_jax import checkpoint, smoothing, training
+    from sevo_jax import checkpoint, training
+    from sevo_jax.operator import NormalizedGraph
 
     cfg = training.TrainConfig(**SMALL).resolved()
     _, _, _, state = training.init_training(cfg, small_ds)
     graphs = [x for x in jax.tree_util.tree_leaves(state, is_leaf=checkpoint.is_graph)
               if checkpoint.is_graph(x)]
-    assert len(graphs) == 1 and isinstance(graphs[0], smoothing.NormalizedGraph)
+    assert len(graphs) == 1 and isinstance(graphs[0], NormalizedGraph)
     stripped = checkpoint.without_graphs(state)
     assert not any(checkpoint.is_graph(x) for x in
                    jax.tree_util.tree_leaves(stripped, is_leaf=checkpoint.is_graph))
