@@ -6,7 +6,8 @@ can be stopped and restarted. The summary (mean and std over seeds of the test m
 best validation epoch, the published numbers beside them) is printed and written to
 ``OUT/summary.md``.
 
-    python examples/reproduce_paper.py --data ../shared/data/amazon-beauty/Beauty.txt --out runs/beauty
+    python examples/reproduce_paper.py \\
+        --data ../shared/data/amazon-beauty/Beauty.txt --out runs/beauty
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ COLUMNS = ("HR@1", "HR@10", "NDCG@10")
 
 
 def command(args: argparse.Namespace, model: str, optimizer: str, seed: int, out: Path) -> str:
-    parts = ["sevo-train", "--model", model, "--optimizer", optimizer, "--seed", str(seed), "--out", str(out)]
+    parts = ["sevo-train", "--model", model, "--optimizer", optimizer, "--seed", str(seed),
+             "--out", str(out)]
     if args.data:
         parts += ["--data", args.data]
     if args.format:
@@ -57,7 +59,8 @@ def run_one(args, ds, model: str, optimizer: str, seed: int, out: Path) -> dict:
         return json.loads(done.read_text())
     fmt = _format(args)
     config = training.TrainConfig(model=model, optimizer=optimizer, seed=seed, data=args.data,
-                                  format=fmt, epochs=args.epochs, out=str(out), progress=args.progress,
+                                  format=fmt, epochs=args.epochs, out=str(out),
+                                  progress=args.progress,
                                   **({} if args.patience is None else {"patience": args.patience}))
     start = time.perf_counter()
     resume = training.has_checkpoint(out)  # else start again, over any partial log
@@ -80,22 +83,26 @@ def summarise(args, grid: dict, dataset_key: str) -> str:
         f"Data: `{args.data or 'synthetic'}`; machine: {platform.node()} ({jax.default_backend()}, "
         f"{jax.device_count()} device(s)); date: {time.strftime('%Y-%m-%d')}.",
         "",
-        "| model | optimizer | finished seeds | " + " | ".join(COLUMNS) + " | best epoch | train min/run | published (SEvo) NDCG@10 |",
+        "| model | optimizer | finished seeds | " + " | ".join(COLUMNS)
+        + " | best epoch | train min/run | published (SEvo) NDCG@10 |",
         "|---" * (len(COLUMNS) + 6) + "|",
     ]
     for (model, optimizer), runs in grid.items():
         tests = {k: np.array([r["test"][k] for r in runs]) for k in COLUMNS}
-        cells = [f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}" for v in tests.values()]
+        cells = [f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+                 for v in tests.values()]
         pub = PUBLISHED.get((model, dataset_key), {}).get("NDCG@10")
         best = ", ".join(f"{r['best_epoch']} (s{r['config']['seed']})" for r in runs)
         minutes = np.mean([r.get("train_seconds") or train_seconds(Path(r["config"]["out"]))
                            for r in runs]) / 60
+        published = pub if optimizer == "sevo-adamw" and pub else "-"
         lines.append(f"| {model} | {optimizer} | {len(runs)} | " + " | ".join(cells)
-                     + f" | {best} | {minutes:.1f} | {pub if optimizer == 'sevo-adamw' and pub else '-'} |")
+                     + f" | {best} | {minutes:.1f} | {published} |")
     lines += ["", "Commands:", ""]
-    for (model, optimizer), runs in grid.items():
+    for model, optimizer in grid:
         for seed in args.seeds:
-            lines.append(f"    {command(args, model, optimizer, seed, Path(args.out) / f'{model}-{optimizer}-s{seed}')}")
+            out = Path(args.out) / f"{model}-{optimizer}-s{seed}"
+            lines.append(f"    {command(args, model, optimizer, seed, out)}")
     return "\n".join(lines)
 
 
@@ -103,9 +110,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None)
     p.add_argument("--format", default=None)
-    p.add_argument("--dataset-key", default="beauty", help="row of the published table to compare with")
+    p.add_argument("--dataset-key", default="beauty",
+                   help="row of the published table to compare with")
     p.add_argument("--models", nargs="+", default=["sasrec", "gru4rec"], choices=training.MODELS)
-    p.add_argument("--optimizers", nargs="+", default=["adamw", "sevo-adamw"], choices=training.OPTIMIZERS)
+    p.add_argument("--optimizers", nargs="+", default=["adamw", "sevo-adamw"],
+                   choices=training.OPTIMIZERS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="default: the paper's per model")
     p.add_argument("--patience", type=int, default=None, help="default: the trainer's")
@@ -123,7 +132,8 @@ def main(argv=None) -> None:
                 runs = [json.loads((o / "results.json").read_text()) for o in outs
                         if (o / "results.json").exists()]
             else:
-                runs = [run_one(args, ds, model, optimizer, seed, o) for seed, o in zip(args.seeds, outs)]
+                runs = [run_one(args, ds, model, optimizer, seed, o)
+                        for seed, o in zip(args.seeds, outs, strict=True)]
             if runs:
                 grid[(model, optimizer)] = runs
     if not grid:

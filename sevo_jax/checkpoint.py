@@ -85,7 +85,7 @@ def committed_epochs(directory: str | os.PathLike) -> list[int]:
     return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-# ---- graphs in the optimizer state ----------------------------------------------------------------
+# ---- graphs in the optimizer state ---------------------------------------------------------------
 
 
 def is_graph(x: Any) -> bool:
@@ -118,7 +118,7 @@ def graph_fingerprint(adjacency: Any) -> str:
     return h.hexdigest()
 
 
-# ---- fault injection ------------------------------------------------------------------------------
+# ---- fault injection -----------------------------------------------------------------------------
 
 
 def _parse_faults(value: str) -> set[tuple[str, int]]:
@@ -139,7 +139,7 @@ def _fault_point(stage: str, epoch: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# ---- integrity ------------------------------------------------------------------------------------
+# ---- integrity -----------------------------------------------------------------------------------
 
 MANIFEST = "files.json"  # in the meta item: size and CRC-32 of every file of the step
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -220,7 +220,7 @@ class _MetaRestore(ocp.args.JsonRestore):
     pass
 
 
-# ---- the run's checkpoints ------------------------------------------------------------------------
+# ---- the run's checkpoints -----------------------------------------------------------------------
 
 
 def _leaf_name(path: tuple) -> str:

@@ -28,8 +28,9 @@ import itertools
 import json
 import os
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -176,7 +177,7 @@ class SequenceDataset:
 
     def save(self, path: PathLike) -> None:
         """Write the data set to ``path`` (an ``.npz``, written atomically, exact name)."""
-        arrays = {
+        arrays: dict[str, Any] = {
             "name": np.array(self.name),
             "num_users": np.array(self.num_users),
             "num_items": np.array(self.num_items),
@@ -418,7 +419,7 @@ def _snippet(line: str) -> str:
 def _parses(token: str, dtype: type) -> bool:
     """Whether ``token`` converts like the vectorised path does (floats must be finite)."""
     try:
-        value = np.array(token, dtype=dtype)
+        value: np.ndarray = np.array(token, dtype=dtype)
     except (ValueError, OverflowError):
         return False
     return dtype is np.int64 or bool(np.isfinite(value))
@@ -433,7 +434,7 @@ def _convert(
 ) -> np.ndarray:
     """Convert string tokens to ``dtype``; on failure name the first bad token's line."""
     try:
-        out = np.array(tokens, dtype=dtype)
+        out: np.ndarray = np.array(tokens, dtype=dtype)
         if dtype is np.int64 or np.isfinite(out).all():
             return out
     except (ValueError, OverflowError):
@@ -544,7 +545,7 @@ def _format_hint(line: str) -> str:
 def _movielens_files(path: Path) -> tuple[Path, str, Path | None, Path | None]:
     """(ratings file, separator, item file, genre file) of a MovieLens directory or file."""
     if path.is_dir():
-        for ratings, sep in (("u.data", "\t"), ("ratings.dat", "::")):
+        for ratings in ("u.data", "ratings.dat"):
             if (path / ratings).is_file():
                 path = path / ratings
                 break
@@ -583,7 +584,7 @@ def _parse_u_item(items: Path, genres: Path):
     """Genres of ml-100k: names from ``u.genre``, 0/1 flags from the last columns of ``u.item``."""
     index: dict[int, str] = {}
     lines, linenos = _data_lines(genres, "latin-1")
-    for line, no in zip(lines, linenos):
+    for line, no in zip(lines, linenos, strict=True):
         name, _, idx = line.rpartition("|")
         if not name or not idx.strip().isdigit():
             raise DataError(f"{genres}:{no}: expected 'name|index': {_snippet(line)}")
@@ -594,7 +595,7 @@ def _parse_u_item(items: Path, genres: Path):
 
     ids, rows, cols = [], [], []
     lines, linenos = _data_lines(items, "latin-1")
-    for row, (line, no) in enumerate(zip(lines, linenos)):
+    for row, (line, no) in enumerate(zip(lines, linenos, strict=True)):
         fields = line.split("|")
         flags = fields[-len(names):]
         if len(fields) < len(names) + 2 or not fields[0].strip().isdigit() or any(
@@ -615,14 +616,14 @@ def _parse_movies_dat(items: Path):
     """Genres of ml-1m-style ``movies.dat`` (``id::title::A|B``); names sorted."""
     ids, genre_lists = [], []
     lines, linenos = _data_lines(items, "latin-1")
-    for line, no in zip(lines, linenos):
+    for line, no in zip(lines, linenos, strict=True):
         head, _, genres = line.rpartition("::")
         movie_id = head.split("::", 1)[0].strip()
         if "::" not in head or not movie_id.isdigit():
             raise DataError(f"{items}:{no}: expected 'id::title::genres': {_snippet(line)}")
         ids.append(int(movie_id))
-        genres = genres.strip().split("|")
-        genre_lists.append([g for g in genres if g and g != "(no genres listed)"])
+        listed = genres.strip().split("|")
+        genre_lists.append([g for g in listed if g and g != "(no genres listed)"])
     names = tuple(sorted(set(itertools.chain.from_iterable(genre_lists))))
     col = {name: j for j, name in enumerate(names)}
     rows = [r for r, gs in enumerate(genre_lists) for _ in gs]
@@ -698,7 +699,7 @@ def load_csv(
             f"{path}:{linenos[k]}: expected 3 comma-separated fields (user,item,timestamp), "
             f"got {widths[k]}"
         )
-    user, item, ts = map(list, zip(*rows))
+    user, item, ts = map(list, zip(*rows, strict=True))
     times = _convert(ts, np.float64, "timestamp", path, lambda k: linenos[k])
     return _build(
         path.stem, _ints_or_strings(user), _ints_or_strings(item), times, source=str(path),
@@ -872,7 +873,8 @@ def load_dataset(
         return load()
 
     cache_dir = Path(cache_dir)
-    cache = cache_dir / f"{_cache_name(fmt, path)}-{_fingerprint(fmt, path, kcore, min_len, keep_duplicates)}.npz"
+    fingerprint = _fingerprint(fmt, path, kcore, min_len, keep_duplicates)
+    cache = cache_dir / f"{_cache_name(fmt, path)}-{fingerprint}.npz"
     if cache.is_file():
         try:
             return SequenceDataset.load(cache)

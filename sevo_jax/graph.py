@@ -41,17 +41,20 @@ def _check_ids(name: str, ids: np.ndarray, upper: int) -> None:
         )
 
 
-def _id_pairs(names: tuple[str, str], a, b, bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _id_pairs(names: tuple[str, str], a, b,
+              bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Two equally long integer id arrays, each checked against its ``[0, bound)``."""
     x, y = _as_int_array(names[0], a), _as_int_array(names[1], b)
     if x.shape != y.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must have the same length, got {x.size} and {y.size}")
+        raise ValueError(f"{names[0]} and {names[1]} must have the same length, "
+                         f"got {x.size} and {y.size}")
     _check_ids(names[0], x, int(bounds[0]))
     _check_ids(names[1], y, int(bounds[1]))
     return x, y
 
 
-def _symmetric_csr(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, n: int) -> sp.csr_matrix:
+def _symmetric_csr(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray,
+                   n: int) -> sp.csr_matrix:
     """Sum of (rows, cols, w) and its transpose as CSR, duplicates summed."""
     r = np.concatenate([rows, cols])
     c = np.concatenate([cols, rows])
@@ -233,7 +236,8 @@ def validate_adjacency(adjacency: sp.spmatrix, *, name: str = "adjacency") -> sp
       >>> validate_adjacency(sp.csr_matrix(np.array([[0.0, 1.0], [0.0, 0.0]])))
       Traceback (most recent call last):
       ...
-      ValueError: adjacency is not symmetric (max |A - A^T| = 1); SEvo expects an undirected graph: pass A + A.T or (A + A.T) / 2
+      ValueError: adjacency is not symmetric (max |A - A^T| = 1); SEvo expects an undirected graph:
+      pass A + A.T or (A + A.T) / 2
     """
     if adjacency.ndim != 2 or adjacency.shape[0] != adjacency.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {adjacency.shape}")
@@ -274,7 +278,8 @@ def normalize(adjacency: sp.spmatrix) -> sp.csr_matrix:
     psi's series converge for every beta < 1 (SEvo, arXiv 2310.03032).
 
     Examples:
-      >>> normalize(sp.csr_matrix(np.array([[0.0, 4.0, 0.0], [4.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))).toarray()
+      >>> a = np.array([[0.0, 4.0, 0.0], [4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+      >>> normalize(sp.csr_matrix(a)).toarray()
       array([[0., 1., 0.],
              [1., 0., 0.],
              [0., 0., 0.]])

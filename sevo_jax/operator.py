@@ -1,4 +1,4 @@
-"""The normalised graph ``Ã = D^-1/2 A D^-1/2`` as a linear operator on the rows of embedding tables.
+"""The normalised graph ``Ã = D^-1/2 A D^-1/2`` as a linear operator on embedding-table rows.
 
 SEvo (Structure-aware Embedding Evolution, arXiv 2310.03032) smooths a table update ``X``
 with products ``Ã @ Y``. This module defines what such a product needs, once:
@@ -83,7 +83,7 @@ def fingerprint_arrays(*arrays: np.ndarray, extra: str = "") -> str:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
         if a.size:
-            h.update(memoryview(a).cast("B"))
+            h.update(a.data.cast("B"))
     return h.hexdigest()
 
 
@@ -227,7 +227,8 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
         return out.at[rows[i]].add(w[i][:, None] * x[cols[i]], indices_are_sorted=True, mode="drop")
 
     # the first chunk seeds the carry, so it has the loop's type (also under shard_map)
-    return jax.lax.fori_loop(1, num_chunks, body, body(0, jnp.zeros((num_rows, x.shape[1]), x.dtype)))
+    first = body(0, jnp.zeros((num_rows, x.shape[1]), x.dtype))
+    return jax.lax.fori_loop(1, num_chunks, body, first)
 
 
 def leaves_match(leaves: Sequence[Any], specs: Sequence[jax.ShapeDtypeStruct]) -> bool:
@@ -242,7 +243,7 @@ def leaves_match(leaves: Sequence[Any], specs: Sequence[jax.ShapeDtypeStruct]) -
     return all(
         hasattr(x, "shape") and hasattr(x, "dtype") and tuple(x.shape) == tuple(s.shape)
         and jnp.dtype(x.dtype) == jnp.dtype(s.dtype)
-        for x, s in zip(leaves, specs)
+        for x, s in zip(leaves, specs, strict=False)
     )
 
 
@@ -305,7 +306,7 @@ class NormalizedGraph(GraphOperator):
     # -- pytree --------------------------------------------------------------------------------
     def tree_flatten_with_keys(self):
         keys = [jax.tree_util.GetAttrKey(k) for k in ("indices", "weights", "tag")]
-        return tuple(zip(keys, (self.indices, self.weights, self.tag))), self.host
+        return tuple(zip(keys, (self.indices, self.weights, self.tag), strict=True)), self.host
 
     @classmethod
     def tree_unflatten(cls, host, children):
@@ -356,7 +357,7 @@ class NormalizedGraph(GraphOperator):
         return f"NormalizedGraph(num_nodes={self.num_nodes}, nnz={self.nnz})"
 
     def matmul(self, y: jax.Array, impl: str | None = None) -> jax.Array:
-        """``Ã @ y`` for ``y`` of shape (num_nodes, d), accumulated in ``y.dtype`` (``sparse_matmul``).
+        """``Ã @ y`` for ``y`` (num_nodes, d), accumulated in ``y.dtype`` (``sparse_matmul``).
 
         Examples:
           >>> g = as_normalized_graph(np.ones((2, 2)))
@@ -368,7 +369,7 @@ class NormalizedGraph(GraphOperator):
 
     def apply(self, fn: RowwiseFn, tables: Sequence[jax.Array], *, impl: str | None = None,
               operands: Sequence[Any] = ()) -> list[jax.Array]:
-        """``fn(matmul, x, *operands)`` on the concatenated ``tables``, split back (``GraphOperator``).
+        """``fn(matmul, x, *operands)`` on the stacked ``tables``, split back (``GraphOperator``).
 
         Examples:
           >>> g = as_normalized_graph(np.ones((3, 3)) - np.eye(3))
@@ -391,7 +392,8 @@ class NormalizedGraph(GraphOperator):
           >>> g.fresh().weights is g.weights
           False
         """
-        return NormalizedGraph(self.host, *(jnp.array(x, copy=True) for x in self.host.numpy_leaves()))
+        leaves = self.host.numpy_leaves()
+        return NormalizedGraph(self.host, *(jnp.array(x, copy=True) for x in leaves))
 
     def uploaded(self) -> NormalizedGraph:
         """The host copy through ``jax.pure_callback`` (no constant when traced).
@@ -446,7 +448,10 @@ class NormalizedGraph(GraphOperator):
         if not leaves_match(leaves, self.host.specs()):
             return self.uploaded()
         intact = self.tag == self.host.tag
-        upload = lambda: tuple(jax.tree.leaves(self.uploaded()))
+
+        def upload():
+            return tuple(jax.tree.leaves(self.uploaded()))
+
         return NormalizedGraph(self.host, *jax.lax.cond(intact, lambda: leaves, upload))
 
 
@@ -463,13 +468,15 @@ def check_fingerprint(template: GraphOperator, state: dict) -> GraphOperator:
       >>> check_fingerprint(g, {"fingerprint": "0" * 24})
       Traceback (most recent call last):
       ...
-      ValueError: the checkpoint's SEvo graph (fingerprint 000000000000000000000000) is not this optimizer's graph ...
+      ValueError: the checkpoint's SEvo graph (fingerprint 000000000000000000000000) is not this
+      optimizer's graph ...
     """
     stored = state.get("fingerprint")
     if stored is not None and str(stored) != template.fingerprint:
         raise ValueError(
             f"the checkpoint's SEvo graph (fingerprint {stored}) is not this optimizer's graph "
-            f"(fingerprint {template.fingerprint}); rebuild the optimizer with the checkpoint's graph"
+            f"(fingerprint {template.fingerprint}); rebuild the optimizer with the "
+            "checkpoint's graph"
         )
     return template
 

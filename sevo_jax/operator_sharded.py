@@ -108,7 +108,7 @@ def device_major_positions(segments: Sequence[int], num_shards: int) -> np.ndarr
     n_local = sum(local)
     pos = np.empty(int(sum(segments)), np.int64)
     start, offset = 0, 0
-    for s, m in zip(segments, local):
+    for s, m in zip(segments, local, strict=True):
         o = np.arange(s, dtype=np.int64)
         pos[start : start + s] = (o // m) * n_local + offset + o % m
         start += s
@@ -187,7 +187,7 @@ class ShardedGraph(GraphOperator):
 
     def tree_flatten_with_keys(self):
         keys = [jax.tree_util.GetAttrKey(k) for k in ("indices", "weights", "tag")]
-        return tuple(zip(keys, (self.indices, self.weights, self.tag))), self.host
+        return tuple(zip(keys, (self.indices, self.weights, self.tag), strict=True)), self.host
 
     @classmethod
     def tree_unflatten(cls, host, children):
@@ -272,7 +272,7 @@ class ShardedGraph(GraphOperator):
         rows_spec = PSpec(axis, None)
         explicit = mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Explicit
         padded = []
-        for t, s, m in zip(tables, self.segments, local):
+        for t, s, m in zip(tables, self.segments, local, strict=True):
             if m * num_shards != s:
                 if explicit:  # cannot pad along a sharded dim in explicit mode: replicate first
                     t = jax.sharding.reshard(t, NamedSharding(mesh, PSpec()))
@@ -305,7 +305,7 @@ class ShardedGraph(GraphOperator):
             out_specs=(rows_spec,) * num_tables,
         )(self.indices, self.weights, *padded, *operands)
         result = []
-        for o, s, m in zip(outs, self.segments, local):
+        for o, s, m in zip(outs, self.segments, local, strict=True):
             if m * num_shards != s:
                 if explicit:
                     o = jax.sharding.reshard(o, NamedSharding(mesh, PSpec()))

@@ -41,7 +41,8 @@ __all__ = [
 class ScaleByAdamCorrectedState(NamedTuple):
     """State of ``scale_by_adam_corrected``: step count and the two moment estimates."""
 
-    count: jax.Array  # int32 scalar, number of steps taken
+    # optax's name for the step count (ScaleByAdamState.count); it shadows tuple.count
+    count: jax.Array  # type: ignore[assignment]  # int32 scalar, number of steps taken
     mu: optax.Updates
     nu: optax.Updates
 
@@ -89,7 +90,7 @@ def scale_by_adam_corrected(
       >>> state = tx.init(params)
       >>> u, state = tx.update({"emb": jnp.array([[1.0], [1.0]])}, state)
       >>> u, state = tx.update({"emb": jnp.array([[0.0], [1.0]])}, state)
-      >>> np.asarray(u["emb"], float).round(4).tolist()   # absent row 0 keeps its moments' direction
+      >>> np.asarray(u["emb"], float).round(4).tolist()  # absent row 0 keeps its moments' direction
       [[1.0], [1.0]]
     """
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)

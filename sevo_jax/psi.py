@@ -77,10 +77,12 @@ def check_hyperparameters(beta: Any, num_layers: Any, approx: str) -> None:
         raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
     for name, value, kinds in (("beta", beta, "fiu"), ("num_layers", num_layers, "iu")):
         if isinstance(value, (bool, str)):
-            raise TypeError(f"{name} must be a {'float in [0, 1)' if name == 'beta' else 'non-negative integer'}, got {value!r}")
+            expected = "float in [0, 1)" if name == "beta" else "non-negative integer"
+            raise TypeError(f"{name} must be a {expected}, got {value!r}")
         dtype = getattr(value, "dtype", None)
         if dtype is None:
-            ok = isinstance(value, (int, np.integer)) or (name == "beta" and isinstance(value, (float, np.floating)))
+            ok = isinstance(value, (int, np.integer)) or (
+                name == "beta" and isinstance(value, (float, np.floating)))
         else:
             ok = jnp.dtype(dtype).kind in kinds and jnp.ndim(value) == 0
         if not ok:
@@ -144,7 +146,7 @@ def psi_recursion(
 
 def smooth_finite_rows(matmul: Callable[[jax.Array], jax.Array], x: jax.Array, beta: Any,
                        num_layers: Any, approx: str) -> jax.Array:
-    """``psi`` of ``x`` with non-finite rows kept out and given back their own value (module doc)."""
+    """``psi`` of ``x`` with non-finite rows kept out and given back as they were (module doc)."""
     finite = jnp.all(jnp.isfinite(x), axis=1, keepdims=True)
     y = psi_recursion(matmul, jnp.where(finite, x, 0), beta, num_layers, approx)
     return jnp.where(finite, y, x)
@@ -198,7 +200,7 @@ def _propagate(graph: GraphOperator, tables: list[jax.Array], beta: Any, num_lay
         out = graph.apply(
             lambda matmul, x, b, n: smooth_finite_rows(matmul, x, b, n, approx), tables_in,
             impl=impl, operands=(jnp.asarray(beta), jnp.asarray(num_layers)))
-    return [o.astype(t.dtype) for o, t in zip(out, tables)]
+    return [o.astype(t.dtype) for o, t in zip(out, tables, strict=True)]
 
 
 # jitted with static settings so that eager calls (diagnostics, notebooks) compile once

@@ -2,10 +2,10 @@
 
 ``MeshPlan`` row-shards the embedding tables SEvo smooths (``P(axis, None)``) and their
 optimizer-state moments, splits batches by examples and replicates the rest; ``build_mesh`` /
-``parse_mesh_spec`` turn ``--mesh NAME=SIZE`` into a ``jax.sharding.Mesh``; ``pad_rows`` / ``pad_adjacency`` pad tables (and their graph) to a multiple of
-the axis size. The row-sharded psi itself lives in the library core
-(``sevo_jax.operator_sharded.ShardedGraph``, used by ``sevo_smooth(mesh=, axis_name=)``);
-this module only imports from it.
+``parse_mesh_spec`` turn ``--mesh NAME=SIZE`` into a ``jax.sharding.Mesh``; ``pad_rows`` /
+``pad_adjacency`` pad tables (and their graph) to a multiple of the axis size. The row-sharded
+psi itself lives in the library core (``sevo_jax.operator_sharded.ShardedGraph``, used by
+``sevo_smooth(mesh=, axis_name=)``); this module only imports from it.
 
 One host, several GPUs (``Auto`` axes let the model's own ``table[ids]`` gathers compile
 unchanged; ``Explicit`` axes, ``jax.make_mesh``'s default, work too but make JAX ask the model
@@ -84,7 +84,8 @@ def pad_adjacency(adjacency: Any, segments: Sequence[int], multiple: int) -> sp.
     new_sizes = [pad_rows(s, multiple) for s in segments]
     new_start = np.cumsum([0] + new_sizes)[:-1]
     mapping = np.concatenate(
-        [np.zeros(0, np.int64)] + [np.arange(s) + ns for s, ns in zip(segments, new_start)]
+        [np.zeros(0, np.int64)]
+        + [np.arange(s) + ns for s, ns in zip(segments, new_start, strict=True)]
     ).astype(np.int64)
     coo = a.tocoo()
     n_new = int(sum(new_sizes))
@@ -169,7 +170,8 @@ class MeshPlan:
     def table_rows(self, params: Any) -> list[int]:
         """Row counts of the sharded tables, in pytree-flatten order (the graph's segments)."""
         flags = jax.tree_util.tree_leaves(self.table_mask(params))
-        return [int(x.shape[0]) for x, f in zip(jax.tree_util.tree_leaves(params), flags) if f]
+        leaves = jax.tree_util.tree_leaves(params)
+        return [int(x.shape[0]) for x, f in zip(leaves, flags, strict=True) if f]
 
     def pad_params(self, params: Any) -> Any:
         """Append zero rows to each table up to a multiple of ``P`` (a no-op if it divides)."""
@@ -207,7 +209,8 @@ class MeshPlan:
                 optimizer, lambda _, sh: sh, opt_state, param_sh,
                 transform_non_params=lambda x: jax.tree.map(own_or_replicated, x))
         by_path = {tuple(path): (np.shape(leaf), sh) for (path, leaf), sh in zip(
-            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_sh))}
+            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_sh),
+            strict=True)}
 
         def pick(path, leaf):
             for k in range(len(path)):

@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
         self.flags: dict[str, str] = {}  # before argparse adds --help
         super().__init__(**kwargs)
 
-    def add_argument(self, *names, **kwargs):  # type: ignore[override]
+    def add_argument(self, *names, **kwargs):
         action = super().add_argument(*names, **kwargs)
         self.flags.setdefault(action.dest, names[0])
         return action
@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     d = training.TrainConfig()
     p = _Parser(prog=PROG, description="Train SASRec / GRU4Rec / MF-BPR with or without SEvo.")
     a = p.add_argument
@@ -126,14 +126,16 @@ def format_table(results: dict) -> str:
     rows = [f"| split | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|"]
     for split in ("valid", "test"):
         if results.get(split):
-            rows.append(f"| {split} | " + " | ".join(f"{results[split][k]:.4f}" for k in keys) + " |")
+            cells = " | ".join(f"{results[split][k]:.4f}" for k in keys)
+            rows.append(f"| {split} | {cells} |")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    given = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f) is not None]
+    given = [f for f in ("coordinator", "num_processes", "process_id")
+             if getattr(args, f) is not None]
     if given and not args.distributed:
         parser.error(f"--{given[0].replace('_', '-')} needs --distributed")
     if args.distributed:  # before anything touches a device
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted; resume with --resume --out {args.out}\n")
         return 130
-    print(f"best epoch {results['best_epoch']} of {results['epochs_run']}; results in {args.out}/results.json")
+    print(f"best epoch {results['best_epoch']} of {results['epochs_run']}; "
+          f"results in {args.out}/results.json")
     print(format_table(results))
     return 0
 

@@ -8,9 +8,9 @@ dropout keys (``fold_in(seed, epoch, step)``), so a resumed run equals an uninte
 ``config.mesh = "NAME=SIZE"`` (CLI ``--mesh data=8``) trains on a one-axis device mesh: the
 embedding tables SEvo smooths (``models.sevo_mask``) and their optimizer state are split BY
 ROWS over the axis, the batch by examples over the same axis, everything else is replicated
-(``sevo_jax.sharding.MeshPlan``). Tables are padded with zero rows to a multiple of SIZE; the padding ids
-are isolated graph nodes, never sampled as negatives and excluded from ranking, and their
-rows stay exactly zero, so a sharded run computes what the unsharded one does.
+(``sevo_jax.sharding.MeshPlan``). Tables are padded with zero rows to a multiple of SIZE; the
+padding ids are isolated graph nodes, never sampled as negatives and excluded from ranking, and
+their rows stay exactly zero, so a sharded run computes what the unsharded one does.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -44,7 +44,7 @@ from sevo_jax.optimizers import sevo_adam, sevo_adamw, sevo_sgd
 try:
     import fcntl
 except ImportError:  # not POSIX: output folders are not locked
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # mypy checks as on POSIX, where it is a module
 
 MODELS = ("sasrec", "gru4rec", "mfbpr")
 OPTIMIZERS = ("adamw", "sevo-adamw", "adam", "sevo-adam", "sgd", "sevo-sgd")
@@ -105,21 +105,23 @@ class TrainConfig:
         if self.format != "synthetic" and self.data is None:
             raise ConfigError("data", f"is needed by format {self.format!r}")
         if self.model == "mfbpr" and self.graph == "cooccurrence":
-            raise ConfigError("graph", "'cooccurrence' has item nodes only; mfbpr needs 'user-item'")
+            raise ConfigError("graph",
+                              "'cooccurrence' has item nodes only; mfbpr needs 'user-item'")
         if self.mesh is not None:
             _, size = sharding_lib.parse_mesh_spec(self.mesh)
             if self.batch_size is not None and self.batch_size % size:
                 raise ConfigError("batch_size", f"{self.batch_size} must be a multiple of the mesh "
                                   f"size {size} (mesh {self.mesh!r}): the batch is split over it")
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """Fill the ``None`` defaults from spec §4 (Amazon-style unless MovieLens)."""
         movielens = self.format == "movielens"
-        defaults = {
+        defaults: dict[str, Any] = {
             "epochs": {"sasrec": 200, "gru4rec": 300, "mfbpr": 200}[self.model],
             "batch_size": 128 if movielens and self.model == "sasrec" else 512,
             "maxlen": 200 if movielens else 50,
-            "dropout": {"sasrec": 0.1 if movielens else 0.3, "gru4rec": 0.4, "mfbpr": 0.0}[self.model],
+            "dropout": {"sasrec": 0.1 if movielens else 0.3, "gru4rec": 0.4,
+                        "mfbpr": 0.0}[self.model],
             "lr": 1e-1 if self.optimizer.endswith("sgd") else 1e-3,
             "weight_decay": 0.1 if self.optimizer.endswith("adamw") else 0.0,
         }
@@ -267,7 +269,8 @@ class Examples:
         """Shuffled fixed-size batches; the last is padded with all-zero (masked) examples."""
         order = rng.permutation(len(self))
         targets = self.arrays[self.target_key]
-        users = np.broadcast_to(self.users.reshape((-1,) + (1,) * (targets.ndim - 1)), targets.shape)
+        users = np.broadcast_to(self.users.reshape((-1,) + (1,) * (targets.ndim - 1)),
+                                targets.shape)
         negatives = sampler.sample(users, rng)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -286,14 +289,17 @@ def training_examples(config: TrainConfig, ds: data_lib.SequenceDataset) -> Exam
     items, offsets = ds.train_items, ds.train_offsets
     starts, ends = offsets[:-1], offsets[1:]
     if config.model == "sasrec":
+        assert config.maxlen is not None, "unresolved config: call TrainConfig.resolved()"
         inputs = left_padded(items, starts, ends - 1, config.maxlen)
         targets = left_padded(items, starts + 1, ends, config.maxlen)
         return Examples({"inputs": inputs, "targets": targets}, np.arange(ds.num_users), "targets")
     if config.model == "gru4rec":
+        assert config.maxlen is not None, "unresolved config: call TrainConfig.resolved()"
         user_of = np.repeat(np.arange(ds.num_users), np.diff(offsets))
         k = np.flatnonzero(np.arange(items.size) > starts[user_of])
         inputs = left_padded(items, starts[user_of[k]], k, config.maxlen)
-        return Examples({"inputs": inputs, "targets": items[k].astype(np.int32)}, user_of[k], "targets")
+        return Examples({"inputs": inputs, "targets": items[k].astype(np.int32)}, user_of[k],
+                        "targets")
     users, pair_items = ds.train_pairs()
     return Examples({"users": users.astype(np.int32), "targets": pair_items.astype(np.int32)},
                     users, "targets")
@@ -304,6 +310,7 @@ def eval_inputs(config: TrainConfig, ds: data_lib.SequenceDataset, split: str) -
     training sequence followed by the validation item (test); user ids for MF-BPR."""
     if config.model == "mfbpr":
         return np.arange(ds.num_users, dtype=np.int32)
+    assert config.maxlen is not None, "unresolved config: call TrainConfig.resolved()"
     items, offsets = ds.train_items, ds.train_offsets
     if split == "valid":
         return left_padded(items, offsets[:-1], offsets[1:], config.maxlen)
@@ -314,15 +321,19 @@ def eval_inputs(config: TrainConfig, ds: data_lib.SequenceDataset, split: str) -
 # ---- model, graph, optimizer --------------------------------------------------------------------
 
 
-def build_model(config: TrainConfig, ds: data_lib.SequenceDataset, row_multiple: int = 1) -> nn.Module:
+def build_model(config: TrainConfig, ds: data_lib.SequenceDataset,
+                row_multiple: int = 1) -> nn.Module:
     """The model of ``config.model``; ``row_multiple > 1`` sizes its tables (``num_items + 1``
     rows, MF-BPR's ``num_users``) up to a multiple of it (padding ids for a mesh)."""
     num_items = sharding_lib.pad_rows(ds.num_items + 1, row_multiple) - 1
     num_users = sharding_lib.pad_rows(ds.num_users, row_multiple)
     if config.model == "sasrec":
+        assert config.maxlen is not None and config.dropout is not None, (
+            "unresolved config: call TrainConfig.resolved()")
         return models.SASRec(num_items, config.maxlen, config.features, config.num_blocks,
                              config.num_heads, config.dropout)
     if config.model == "gru4rec":
+        assert config.dropout is not None, "unresolved config: call TrainConfig.resolved()"
         return models.GRU4Rec(num_items, config.features, config.dropout)
     return models.MFBPR(num_users, num_items, config.features)
 
@@ -340,7 +351,8 @@ def build_graph(config: TrainConfig, ds: data_lib.SequenceDataset) -> sp.csr_mat
         return graph_lib.category_graph(ds.item_categories)
     if kind == "user-item":
         if config.model != "mfbpr":
-            raise ValueError(f"graph 'user-item' needs a model with a user table (mfbpr), not {config.model}")
+            raise ValueError("graph 'user-item' needs a model with a user table (mfbpr), "
+                             f"not {config.model}")
         users, items = ds.train_pairs()
         return graph_lib.user_item_graph(users, items - 1, ds.num_users, ds.num_items, num_pads=1)
     return graph_lib.cooccurrence_graph(
@@ -353,10 +365,11 @@ def build_optimizer(config: TrainConfig, adjacency: Any,
     """The six optimizers of the CLI; the ``sevo-*`` ones smooth the tables of ``sevo_mask``.
 
     With ``config.mesh`` the ``sevo-*`` ones run psi row-sharded over the mesh's axis (``mesh``
-    defaults to ``sharding_lib.build_mesh(config.mesh)``); ``adjacency`` must then have one node per row of
-    the PADDED tables (``MeshPlan.pad_adjacency``)."""
+    defaults to ``sharding_lib.build_mesh(config.mesh)``); ``adjacency`` must then have one node
+    per row of the PADDED tables (``MeshPlan.pad_adjacency``)."""
     c = config
-    sevo = dict(beta=c.beta, num_layers=c.num_layers, mask=models.sevo_mask, approx=c.approx)
+    sevo: dict[str, Any] = dict(beta=c.beta, num_layers=c.num_layers, mask=models.sevo_mask,
+                                approx=c.approx)
     if c.mesh is not None and c.optimizer.startswith("sevo"):
         mesh = sharding_lib.build_mesh(c.mesh) if mesh is None else mesh
         sevo.update(mesh=mesh, axis_name=mesh.axis_names[0])
@@ -366,9 +379,11 @@ def build_optimizer(config: TrainConfig, adjacency: Any,
         return sevo_adamw(c.lr, adjacency, b1=c.b1, b2=c.b2, eps=c.eps,
                           weight_decay=c.weight_decay, **sevo)
     if c.optimizer == "adam":
-        return optax.chain(optax.add_decayed_weights(c.weight_decay), optax.adam(c.lr, c.b1, c.b2, c.eps))
+        return optax.chain(optax.add_decayed_weights(c.weight_decay),
+                           optax.adam(c.lr, c.b1, c.b2, c.eps))
     if c.optimizer == "sevo-adam":
-        return sevo_adam(c.lr, adjacency, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, **sevo)
+        return sevo_adam(c.lr, adjacency, b1=c.b1, b2=c.b2, eps=c.eps,
+                         weight_decay=c.weight_decay, **sevo)
     if c.optimizer == "sgd":
         return optax.chain(optax.add_decayed_weights(c.weight_decay), optax.sgd(c.lr, c.momentum))
     return sevo_sgd(c.lr, adjacency, momentum=c.momentum, weight_decay=c.weight_decay, **sevo)
@@ -376,8 +391,9 @@ def build_optimizer(config: TrainConfig, adjacency: Any,
 
 def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
                   plan: sharding_lib.MeshPlan | None = None,
-                  adjacency: Any = None) -> tuple[nn.Module, optax.GradientTransformation, Any, Any]:
-    """``(model, optimizer, params, opt_state)`` of a resolved ``config``, seeded by ``config.seed``.
+                  adjacency: Any = None
+                  ) -> tuple[nn.Module, optax.GradientTransformation, Any, Any]:
+    """``(model, optimizer, params, opt_state)`` of a resolved ``config``, seeded by its ``seed``.
 
     ``adjacency``: the raw graph (default ``build_graph``, for the ``sevo-*`` optimizers).
     With a ``plan`` the params are initialised exactly as without one, then the tables get
@@ -388,7 +404,7 @@ def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
         adjacency = build_graph(config, ds)
     init_input = (jnp.zeros((1,), jnp.int32) if config.model == "mfbpr"
                   else jnp.zeros((1, config.maxlen), jnp.int32))
-    init_kwargs = {} if config.model == "mfbpr" else {"deterministic": True}
+    init_kwargs: dict[str, Any] = {} if config.model == "mfbpr" else {"deterministic": True}
     if plan is None:  # jit: same values as eager init, compiled in a third of the time
         params = jax.jit(lambda k: model.init(k, init_input, **init_kwargs)["params"])(
             jax.random.PRNGKey(config.seed))
@@ -425,7 +441,7 @@ def make_loss_fn(config: TrainConfig, model: nn.Module) -> Callable:
         else:
             hidden = model.apply(variables, batch["inputs"], deterministic=False,
                                  rngs={"dropout": key})
-        logits = model.apply(variables, hidden, items, method="score")
+        logits = cast(jax.Array, model.apply(variables, hidden, items, method="score"))
         mask = batch["targets"] != 0
         if config.model == "sasrec":
             return models.sasrec_loss(logits[..., 0], logits[..., 1], mask)
@@ -467,11 +483,12 @@ def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None,
         if config.model == "mfbpr":
             user = model.apply(variables, inputs)
         else:
-            user = model.apply(variables, inputs, deterministic=True)
+            user = cast(jax.Array, model.apply(variables, inputs, deterministic=True))
             if config.model == "sasrec":
                 user = user[:, -1]
-        scores = model.apply(variables, user, method="score_all")
-        exclude = jnp.zeros(scores.shape, bool).at[jnp.arange(seen.shape[0])[:, None], seen].set(True)
+        scores = cast(jax.Array, model.apply(variables, user, method="score_all"))
+        exclude = jnp.zeros(scores.shape, bool).at[jnp.arange(seen.shape[0])[:, None],
+                                                   seen].set(True)
         if num_items is not None and scores.shape[-1] > num_items + 1:
             exclude = exclude | (jnp.arange(scores.shape[-1]) > num_items)[None, :]
         return metrics_lib.ranking_metrics(metrics_lib.target_ranks(scores, targets, exclude))
@@ -514,7 +531,7 @@ def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.Se
     return acc.compute()
 
 
-# ---- progress -------------------------------------------------------------------------------------
+# ---- progress ------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -558,7 +575,8 @@ DATA_FINGERPRINT = "data_fingerprint"  # the key a checkpoint's metadata stores 
 GRAPH_FINGERPRINT = "graph_fingerprint"  # likewise, of the SEvo graph (None without SEvo)
 
 
-def resume_conflicts(saved_config: dict, new_config: dict, epochs_done: int | None = None) -> list[str]:
+def resume_conflicts(saved_config: dict, new_config: dict,
+                     epochs_done: int | None = None) -> list[str]:
     """Why a run with ``new_config`` cannot resume a checkpoint saved with ``saved_config``.
 
     Both are ``dataclasses.asdict(TrainConfig)`` dicts, optionally with ``DATA_FINGERPRINT``
@@ -577,7 +595,8 @@ def resume_conflicts(saved_config: dict, new_config: dict, epochs_done: int | No
     if old_print is not None and new_print is not None:
         if old_print != new_print:
             conflicts.append(f"the data {new_config.get('data') or '(synthetic)'} changed since "
-                             f"the checkpoint (content fingerprint {old_print} then, {new_print} now)")
+                             f"the checkpoint (content fingerprint {old_print} then, "
+                             f"{new_print} now)")
     elif not _same_path(saved.get("data"), new_config.get("data")):
         conflicts.append(f"data is {saved.get('data')!r} in the checkpoint, "
                          f"{new_config.get('data')!r} now")
@@ -594,7 +613,7 @@ def _same_path(a: str | None, b: str | None) -> bool:
     return a == b or Path(a).resolve() == Path(b).resolve()
 
 
-# ---- the loop -------------------------------------------------------------------------------------
+# ---- the loop ------------------------------------------------------------------------------------
 
 
 def _epoch_of(line: str) -> int | None:
@@ -603,7 +622,7 @@ def _epoch_of(line: str) -> int | None:
         record = json.loads(line)
     except ValueError:
         return None
-    epoch = record.get("epoch") if isinstance(record, dict) else None
+    epoch: Any = record.get("epoch") if isinstance(record, dict) else None
     return epoch if _is_int(epoch) and epoch >= 1 else None
 
 
@@ -689,7 +708,8 @@ def _device_copy(tree: Any) -> Any:
 
 
 def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-        dataset: data_lib.SequenceDataset | None = None, log: Callable[[str], None] = print) -> dict:
+        dataset: data_lib.SequenceDataset | None = None,
+        log: Callable[[str], None] = print) -> dict:
     """Train, validate every ``eval_every`` epochs, stop early on validation NDCG@10, and test
     the best parameters. Writes ``metrics.jsonl``, ``checkpoints/`` (``sevo_jax.checkpoint``:
     one atomic step per evaluation, the latest and the best kept) and ``results.json`` to
@@ -715,6 +735,8 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
                    resume: bool, dataset: data_lib.SequenceDataset | None,
                    log: Callable[[str], None]) -> dict:
     """``fit`` once ``out`` is claimed."""
+    assert config.epochs is not None and config.batch_size is not None, (
+        "unresolved config: call TrainConfig.resolved()")
     ds = dataset if dataset is not None else data_lib.load_dataset(
         config.format, config.data, cache_dir=config.cache_dir, kcore=config.kcore,
         keep_duplicates=config.keep_duplicates)
@@ -746,6 +768,8 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
     log_path = out / "metrics.jsonl"
     if resume:
         epoch = checkpoints.latest_epoch()
+        if epoch is None:
+            raise ResumeError(f"cannot resume: {checkpoints.directory} holds no checkpoint")
         meta = checkpoints.read_meta(epoch)
         saved = meta.get("config", {}) | {DATA_FINGERPRINT: meta.get(DATA_FINGERPRINT)}
         conflicts = resume_conflicts(saved, ckpt_config, meta.get("progress", {}).get("epoch"))
@@ -754,13 +778,15 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
                              f"({GRAPH_FINGERPRINT} {str(meta.get(GRAPH_FINGERPRINT))[:12]} in "
                              f"the checkpoint, {str(run_meta[GRAPH_FINGERPRINT])[:12]} now)")
         if conflicts:
-            raise ResumeError(f"cannot resume {checkpoints.step_path(epoch)}: {'; '.join(conflicts)}")
+            raise ResumeError(f"cannot resume {checkpoints.step_path(epoch)}: "
+                              f"{'; '.join(conflicts)}")
         template = {"params": params, "opt_state": opt_state, "best_params": params}
         state, meta = checkpoints.restore(template, epoch)
         params, opt_state, best_params = state["params"], state["opt_state"], state["best_params"]
         progress = Progress(**meta["progress"])
         lines, cut = _complete_lines(log_path)
-        kept = [line for line in lines if _epoch_of(line) <= progress.epoch]
+        kept = [line for line in lines  # all records (_complete_lines), so never None
+                if (e := _epoch_of(line)) is not None and e <= progress.epoch]
         if writer:
             _write_atomic(log_path, "".join(line + "\n" for line in kept).encode())
         notes = [f"resumed from {checkpoints.step_path(epoch)} after epoch {progress.epoch}"]
@@ -788,9 +814,10 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
         for step, batch in enumerate(examples.epoch_batches(sampler, config.batch_size, rng)):
             if plan is not None:
                 batch = plan.put(batch, plan.batch)
-            params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(epoch_key, step))
+            params, opt_state, loss = train_step(params, opt_state, batch,
+                                                 jax.random.fold_in(epoch_key, step))
             losses.append(loss)
-        record = {"epoch": epoch, "loss": float(np.mean(jax.device_get(losses))),
+        record: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(jax.device_get(losses))),
                   "train_seconds": round(time.perf_counter() - t0, 3)}
         if not np.isfinite(record["loss"]):
             raise FloatingPointError(f"training loss became {record['loss']} at epoch {epoch}; "
@@ -800,7 +827,8 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
             valid = evaluate(config, scorer, params, ds, "valid", plan)
             record["valid"] = valid
             if valid["NDCG@10"] > progress.best_score:
-                progress.best_score, progress.best_epoch, progress.best_valid = valid["NDCG@10"], epoch, valid
+                progress.best_score, progress.best_epoch = valid["NDCG@10"], epoch
+                progress.best_valid = valid
                 progress.evals_since_best = 0
                 best_params = _device_copy(params)
             else:
@@ -837,14 +865,16 @@ class _progress_bar:
         self.bar = None
         if config.progress:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=config.epochs, initial=done, desc=f"{config.model}/{config.optimizer}",
+            self.bar = tqdm(total=config.epochs, initial=done,
+                            desc=f"{config.model}/{config.optimizer}",
                             unit="epoch", dynamic_ncols=True)
 
     def update(self, record: dict, progress: Progress) -> None:
         if self.bar is not None:
             post = {"loss": f"{record['loss']:.4f}"}
             if progress.best_valid is not None:
-                post["ndcg@10"] = f"{record.get('valid', {}).get('NDCG@10', progress.best_score):.4f}"
+                ndcg = record.get("valid", {}).get("NDCG@10", progress.best_score)
+                post["ndcg@10"] = f"{ndcg:.4f}"
             self.bar.set_postfix(post)
             self.bar.update(1)
 

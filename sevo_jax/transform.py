@@ -71,7 +71,8 @@ def mask_flags(mask: MaskOrFn, tree: Any) -> list[bool]:
     ``tree -> mask``, or None (every leaf).
 
     Examples:
-      >>> mask_flags({"emb": True, "mlp": False}, {"emb": jnp.ones((3, 2)), "mlp": [jnp.ones(2)] * 2})
+      >>> params = {"emb": jnp.ones((3, 2)), "mlp": [jnp.ones(2)] * 2}
+      >>> mask_flags({"emb": True, "mlp": False}, params)
       [True, False, False]
       >>> mask_flags(None, [jnp.ones(1), jnp.ones(1)])
       [True, True]
@@ -113,10 +114,12 @@ def check_selection(tree: Any, flags: list[bool], num_nodes: int) -> None:
       >>> check_selection({"u": jnp.ones((2, 4))}, [True], 5)
       Traceback (most recent call last):
       ...
-      ValueError: adjacency has 5 nodes but the masked tables stack to 2 rows [['u'] (2 rows)]; the graph must have one node per stacked row, in pytree-flatten order
+      ValueError: adjacency has 5 nodes but the masked tables stack to 2 rows [['u'] (2 rows)];
+      the graph must have one node per stacked row, in pytree-flatten order
     """
     leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-    chosen = [(jax.tree_util.keystr(p), leaf) for (p, leaf), f in zip(leaves_with_paths, flags) if f]
+    chosen = [(jax.tree_util.keystr(p), leaf)
+              for (p, leaf), f in zip(leaves_with_paths, flags, strict=True) if f]
     if not chosen:
         raise ValueError("mask selects no parameter; SEvo needs at least one embedding table")
     for p, leaf in chosen:
@@ -128,7 +131,8 @@ def check_selection(tree: Any, flags: list[bool], num_nodes: int) -> None:
     widths = {jnp.shape(leaf)[1] for _, leaf in chosen}
     if len(widths) > 1:
         raise ValueError(
-            f"masked tables must share their embedding width to be stacked, got widths {sorted(widths)}"
+            "masked tables must share their embedding width to be stacked, got widths "
+            f"{sorted(widths)}"
         )
     rows = sum(jnp.shape(leaf)[0] for _, leaf in chosen)
     if rows != num_nodes:
@@ -214,7 +218,8 @@ def sevo_smooth(
             return local
 
     def segments_of(tree: Any, flags: list[bool]) -> tuple[int, ...]:
-        return tuple(int(jnp.shape(x)[0]) for x, f in zip(jax.tree_util.tree_leaves(tree), flags) if f)
+        leaves = jax.tree_util.tree_leaves(tree)
+        return tuple(int(jnp.shape(x)[0]) for x, f in zip(leaves, flags, strict=True) if f)
 
     def init_fn(params):
         if not has_leaves(params):  # Optax's placeholder: the structure only, no upload
@@ -231,19 +236,20 @@ def sevo_smooth(
         graph = state.graph
         if not isinstance(graph, GraphOperator):
             raise TypeError(
-                f"SEvoSmoothState.graph must be a GraphOperator (from init), got {type(graph).__name__}"
+                "SEvoSmoothState.graph must be a GraphOperator (from init), got "
+                f"{type(graph).__name__}"
             )
         check_selection(updates, flags, graph.num_nodes)
         graph = graph.repaired()
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        chosen = [x for x, f in zip(leaves, flags) if f]
+        chosen = [x for x, f in zip(leaves, flags, strict=True) if f]
         if isinstance(graph, ShardedGraph) and tuple(x.shape[0] for x in chosen) != graph.segments:
             raise ValueError(
                 f"the masked tables have {[x.shape[0] for x in chosen]} rows but the state's "
                 f"ShardedGraph was built (at init) for {list(graph.segments)}"
             )
         smoothed = iter(propagate(graph, chosen, beta, num_layers, approx, impl=impl))
-        out = [next(smoothed) if f else x for x, f in zip(leaves, flags)]
+        out = [next(smoothed) if f else x for x, f in zip(leaves, flags, strict=True)]
         return jax.tree_util.tree_unflatten(treedef, out), SEvoSmoothState(graph=graph)
 
     return optax.GradientTransformation(init_fn, update_fn)
