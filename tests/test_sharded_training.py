@@ -227,7 +227,7 @@ def test_sharded_training(sharded_run, name):
         (["--mesh", "data=4,model=2"], "NAME=SIZE"),
         (["--mesh", "=8"], "NAME=SIZE"),
         (["--mesh", "data=x"], "NAME=SIZE"),
-        (["--mesh", "data=3"], "batch_size 512"),  # the default batch does not split into 3
+        (["--mesh", "data=3"], "--batch-size 512"),  # the default batch does not split into 3
         # more devices than this process has
         (["--mesh", "data=1024", "--batch-size", "1024"], "jax.device_count()"),
         (["--process-id", "1"], "--process-id needs --distributed"),
