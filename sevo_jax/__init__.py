@@ -12,7 +12,8 @@ direction::
     transform.py        sevo_smooth: psi on the masked tables, as an optax.GradientTransformation
     optimizers.py       sevo_adamw (the paper's), sevo_adam, sevo_sgd, adamw_corrected
 
-``sharding.py`` (the trainer's placement on a mesh) and ``data``/``models``/``training``/``train``
+``masks.py`` (``select_tables``: choose the smoothed tables by name, for Linen params, NNX state
+or plain dicts) stands beside the core and imports none of it. ``sharding.py`` (the trainer's placement on a mesh) and ``data``/``models``/``training``/``train``
 (the experiment pipeline) build on the core; the core never imports them.
 """
 
@@ -23,6 +24,7 @@ from sevo_jax.graph import (
     normalize,
     user_item_graph,
 )
+from sevo_jax.masks import select_tables
 from sevo_jax.operator import GraphOperator, NormalizedGraph, as_normalized_graph
 from sevo_jax.operator_sharded import ShardedGraph, shard_graph
 from sevo_jax.optimizers import (
@@ -53,6 +55,7 @@ __all__ = [
     "normalize",
     "propagate",
     "scale_by_adam_corrected",
+    "select_tables",
     "sevo_adam",
     "sevo_adamw",
     "sevo_sgd",
