@@ -12,8 +12,9 @@ direction::
     transform.py        sevo_smooth: psi on the masked tables, as an optax.GradientTransformation
     optimizers.py       sevo_adamw (the paper's), sevo_adam, sevo_sgd, adamw_corrected
 
-``masks.py`` (``select_tables``: choose the smoothed tables by name, for Linen params, NNX state
-or plain dicts) stands beside the core and imports none of it. ``sharding.py`` (the trainer's placement on a mesh) and ``data``/``models``/``training``/``train``
+``masks.py`` (``select_tables``: choose the smoothed tables by name, for Linen params, NNX
+state or plain dicts) stands beside the core and imports none of it. ``sharding.py`` (the
+trainer's placement on a mesh), ``checkpoint.py`` and ``data``/``models``/``training``/``train``
 (the experiment pipeline) build on the core; the core never imports them.
 """
 
