@@ -344,6 +344,50 @@ def test_killed_runs_resume_to_the_uninterrupted_result(crash_runs, model):
         raise crash_runs[model]
 
 
+def test_sigkills_at_random_moments_resume_to_the_uninterrupted_result(tmp_path, cli_env):
+    """An MF-BPR run killed with SIGKILL at three seeded-random moments (anywhere: start-up,
+    training, evaluation, a checkpoint write), each time continued as a user would (``--resume``
+    once a checkpoint exists, else ``--overwrite``), ends exactly as an uninterrupted run."""
+    import random
+    import signal
+    import time
+
+    from sevo_jax import training
+
+    t0 = time.perf_counter()
+    ref = _cli(tmp_path / "ref", cli_env, "mfbpr")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    duration = time.perf_counter() - t0
+    rng = random.Random(20261205)
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    env = {k: v for k, v in cli_env.items() if k != "SEVO_JAX_CHECKPOINT_FAULT"}
+
+    def continue_flags():
+        if training.has_checkpoint(crash / "run"):
+            return ["--resume"]
+        return ["--overwrite"] if (crash / "run").exists() else []
+
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, *CLI, "--model", "mfbpr", *continue_flags()],
+                                cwd=crash, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(0.1, 0.5) * duration)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    done = _cli(crash, env, "mfbpr", *continue_flags())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert kills >= 1  # at least one run really died mid-way (seeded: deterministic count)
+    assert (crash / "run" / "results.json").read_bytes() == (tmp_path / "ref" / "run" /
+                                                               "results.json").read_bytes()
+    assert _strip_seconds(crash / "run" / "metrics.jsonl") == _strip_seconds(
+        tmp_path / "ref" / "run" / "metrics.jsonl")
+
+
 # --------------------------------------------------------------------------------------------
 # Meshes: checks run in ONE fresh process with 8 fake CPU devices (they import jax lazily)
 # --------------------------------------------------------------------------------------------
