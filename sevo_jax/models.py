@@ -26,6 +26,7 @@ from sevo_jax import masks
 __all__ = [
     "SEVO_TABLES",
     "BiasFreeGRU",
+    "Dropout",
     "GRU4Rec",
     "MFBPR",
     "SASRec",
@@ -50,6 +51,45 @@ def _dot_scores(table: nn.Embed, hidden: jax.Array, items: jax.Array) -> jax.Arr
 # --------------------------------------------------------------------------------------------
 # SASRec
 # --------------------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _scale_by(x: jax.Array, scale: jax.Array) -> jax.Array:
+    return x * scale
+
+
+def _scale_by_fwd(x, scale):
+    return x * scale, scale
+
+
+def _scale_by_bwd(scale, g):
+    return g * scale, jnp.zeros_like(scale)
+
+
+_scale_by.defvjp(_scale_by_fwd, _scale_by_bwd)
+
+
+class Dropout(nn.Module):
+    """``flax.linen.Dropout`` (same masks from the same keys) whose backward pass reuses the
+    forward's ``keep / (1 - rate)`` factors.
+
+    With ``nn.Dropout`` XLA:CPU recomputes each mask from its random bits inside the backward
+    fusions; keeping the factors is 7% of SASRec's training step (BENCHMARKS.md). The class is
+    named ``Dropout`` so that Flax names its instances ``Dropout_0``, ... as before, which keeps
+    their rng streams (``make_rng`` folds in the module path) and so the masks unchanged.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool) -> jax.Array:
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        keep_prob = 1.0 - self.rate
+        keep = jax.random.bernoulli(self.make_rng("dropout"), p=keep_prob, shape=inputs.shape)
+        scale = jnp.where(keep, jnp.asarray(1.0 / keep_prob, inputs.dtype),
+                          jnp.zeros((), inputs.dtype))
+        return _scale_by(inputs, scale)
 
 
 class SASRecBlock(nn.Module):
@@ -77,9 +117,9 @@ class SASRecBlock(nn.Module):
         )(q, x, x, mask=mask, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=1e-8, name="ffn_norm")(x + attn)
         y = nn.Dense(self.features, name="ffn_in")(x)
-        y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        y = Dropout(self.dropout)(y, deterministic=deterministic)
         y = nn.Dense(self.features, name="ffn_out")(nn.relu(y))
-        y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        y = Dropout(self.dropout)(y, deterministic=deterministic)
         return x + y
 
 
@@ -117,7 +157,7 @@ class SASRec(nn.Module):
         self.position_embedding = nn.Embed(
             self.maxlen, self.features, embedding_init=_xavier_normal
         )
-        self.embedding_dropout = nn.Dropout(self.dropout)
+        self.embedding_dropout = Dropout(self.dropout)
         self.blocks = [
             SASRecBlock(self.features, self.num_heads, self.dropout)
             for _ in range(self.num_blocks)
