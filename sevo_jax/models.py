@@ -92,6 +92,39 @@ class Dropout(nn.Module):
         return _scale_by(inputs, scale)
 
 
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(res, g):
+    x, w = res
+    return g @ w.T, jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """``lax.dot_general`` for Dense layers (contract lhs's last dims with rhs's first)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    k = len(lc)
+    if (lb or rb or tuple(lc) != tuple(range(lhs.ndim - k, lhs.ndim))
+            or tuple(rc) != tuple(range(k))):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    batch, out = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
+    size = 1
+    for n in rhs.shape[:k]:
+        size *= n
+    y = _matmul(lhs.reshape(-1, size), rhs.reshape(size, -1))
+    return y.reshape(batch + out)
+
+
 class SASRecBlock(nn.Module):
     """One pre-LayerNorm SASRec block, laid out as in the SEvo reference implementation::
 
@@ -113,12 +146,14 @@ class SASRecBlock(nn.Module):
             out_features=self.features,
             dropout_rate=self.dropout,
             broadcast_dropout=False,  # independent masks per example and head, as in PyTorch
+            qkv_dot_general=_dense_dot_general,
+            out_dot_general=_dense_dot_general,
             name="attention",
         )(q, x, x, mask=mask, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=1e-8, name="ffn_norm")(x + attn)
-        y = nn.Dense(self.features, name="ffn_in")(x)
+        y = nn.Dense(self.features, dot_general=_dense_dot_general, name="ffn_in")(x)
         y = Dropout(self.dropout)(y, deterministic=deterministic)
-        y = nn.Dense(self.features, name="ffn_out")(nn.relu(y))
+        y = nn.Dense(self.features, dot_general=_dense_dot_general, name="ffn_out")(nn.relu(y))
         y = Dropout(self.dropout)(y, deterministic=deterministic)
         return x + y
 
