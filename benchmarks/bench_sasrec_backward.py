@@ -1,14 +1,22 @@
-"""SASRec loss + gradient with ``flax.linen.Dropout`` vs ``sevo_jax.models.Dropout``, one process.
+"""SASRec loss + gradient, the two backward-pass fixes of issue 14 on and off, one process.
 
-Both variants draw the same masks from the same keys (the shim passes ``make_rng`` of the same
-module path to ``nn.Dropout``), so losses and gradients agree; only where XLA:CPU gets the masks
-in the backward pass differs (recomputed from the random bits vs the stored forward factors).
+Variants (``before``: both off, as up to commit 24587db):
+
+* ``flax.linen.Dropout`` vs ``sevo_jax.models.Dropout``: both draw the same masks from the same
+  keys (the shim passes ``make_rng`` of the same module path to ``nn.Dropout``); only where
+  XLA:CPU gets the masks in the backward pass differs (recomputed from the random bits inside
+  the backward fusions vs the forward's stored ``keep / (1 - rate)`` factors);
+* ``lax.dot_general`` vs the models' Dense contraction (a matmul whose custom VJP forms the
+  weight gradient ``x^T g`` directly; XLA:CPU otherwise turns the transpose of ``g^T x`` into a
+  copy of the ``(B*T, d)`` activation before each weight-gradient dot).
+
+Losses and gradients of all variants agree (printed).
 Synthetic Beauty-sized batch: 512 x 50, d = 64, 12,101 items, dropout 0.3, one core, one thread.
 Blocks alternate A B / B A; the ratio is the median of per-block ratios of process CPU time.
 
 Usage::
 
-    python benchmarks/bench_sasrec_dropout.py --repeats 8
+    python benchmarks/bench_sasrec_backward.py --repeats 8
 """
 
 from __future__ import annotations
@@ -71,19 +79,25 @@ def main(argv=None) -> None:
         logits = model.apply({"params": params}, hidden, items, method="score")
         return models.sasrec_loss(logits[..., 0], logits[..., 1], targets != 0)
 
-    def compiled(dropout_cls):
-        saved = models.Dropout
-        models.Dropout = dropout_cls
+    def compiled(dropout_cls, dot_general):
+        saved = models.Dropout, models._dense_dot_general
+        models.Dropout, models._dense_dot_general = dropout_cls, dot_general
         try:
             return jax.jit(jax.value_and_grad(loss)).lower(params, key).compile()
         finally:
-            models.Dropout = saved
+            models.Dropout, models._dense_dot_general = saved
 
-    fns = {"flax.linen.Dropout": compiled(FlaxDropout), "models.Dropout": compiled(models.Dropout)}
-    (la, ga), (lb, gb) = (f(params, key) for f in fns.values())
-    diff = max(float(jnp.abs(a - b).max())
-               for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True))
-    print(f"loss {float(la):.7f} vs {float(lb):.7f}; max |gradient difference| {diff:.1e}")
+    ours = models._dense_dot_general
+    fns = {"before": compiled(FlaxDropout, jax.lax.dot_general),
+           "models.Dropout": compiled(models.Dropout, jax.lax.dot_general),
+           "Dense matmul VJP": compiled(FlaxDropout, ours),
+           "both (now)": compiled(models.Dropout, ours)}
+    (la, ga), *rest = (f(params, key) for f in fns.values())
+    for name, (lb, gb) in zip(list(fns)[1:], rest, strict=True):
+        diff = max(float(jnp.abs(a - b).max())
+                   for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True))
+        print(f"{name}: loss {float(lb):.7f} vs before {float(la):.7f}; "
+              f"max |gradient difference| {diff:.1e}")
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(args.repeats):
         for name, f in (fns.items() if r % 2 == 0 else reversed(fns.items())):
@@ -91,11 +105,12 @@ def main(argv=None) -> None:
             for _ in range(args.calls):
                 jax.block_until_ready(f(params, key))
             times[name].append((time.process_time() - t) / args.calls)
-    base = np.array(times["flax.linen.Dropout"])
+    base = np.array(times["before"])
     print(_util.machine_line(_util.machine_info()))
     rows = [[k, _util.fmt_s(float(np.median(v))), f"{np.median(np.array(v) / base):.3f}"]
             for k, v in times.items()]
-    print(_util.markdown_table(["dropout", "loss + gradient (CPU time, median)", "ratio"], rows))
+    print(_util.markdown_table(["variant", "loss + gradient (CPU time, median)",
+                                "ratio to before"], rows))
 
 
 if __name__ == "__main__":
