@@ -9,6 +9,7 @@ Usage::
     git show 24587db:sevo_jax/operator.py > /tmp/operator_before.py
     python benchmarks/bench_matmul_versions.py --before /tmp/operator_before.py \\
         --nnz 1e5,1e6 --d 16,32,48,64,128
+    python benchmarks/bench_matmul_versions.py --smoke   # CI: this checkout against itself
 """
 
 from __future__ import annotations
@@ -31,12 +32,19 @@ def _ints(s: str) -> list[int]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--before", required=True, help="an older sevo_jax/operator.py")
+    p.add_argument("--before", default=None,
+                   help="an older sevo_jax/operator.py (default: this checkout's own)")
     p.add_argument("--nnz", type=_ints, default=_ints("1e5,1e6"))
     p.add_argument("--d", type=_ints, default=_ints("16,32,48,64,128"))
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--cpu", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.nnz, args.d, args.repeats = [2000], [8, 32], 2
+    if args.before is None:
+        args.before = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                                   "sevo_jax", "operator.py")
     _util.limit_threads(args.cpu)
     import jax
     import jax.numpy as jnp

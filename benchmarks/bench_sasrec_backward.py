@@ -17,6 +17,7 @@ Blocks alternate A B / B A; the ratio is the median of per-block ratios of proce
 Usage::
 
     python benchmarks/bench_sasrec_backward.py --repeats 8
+    python benchmarks/bench_sasrec_backward.py --smoke     # CI: tiny sizes, checks agreement
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--calls", type=int, default=3, help="gradient calls per block")
     p.add_argument("--cpu", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     args = p.parse_args(argv)
     _util.limit_threads(args.cpu)
     import flax.linen as nn
@@ -59,7 +61,9 @@ def main(argv=None) -> None:
 
     FlaxDropout.__name__ = "Dropout"  # Flax names instances after the class: same paths, same keys
 
-    batch, num_items, length = 512, 12101, 50
+    batch, num_items, length = (8, 50, 10) if args.smoke else (512, 12101, 50)
+    if args.smoke:
+        args.repeats, args.calls = 2, 1
     rng = np.random.default_rng(0)
     seqs = np.zeros((batch, length), np.int32)
     for i, n in enumerate(rng.integers(3, length + 1, batch)):
@@ -70,7 +74,7 @@ def main(argv=None) -> None:
     negatives = rng.integers(1, num_items + 1, (batch, length)).astype(np.int32)
     inputs, targets = jnp.asarray(seqs), jnp.asarray(targets)
     items = jnp.stack([targets, jnp.asarray(negatives)], -1)
-    model = models.SASRec(num_items)
+    model = models.SASRec(num_items, maxlen=length, features=16 if args.smoke else 64)
     params = model.init(jax.random.key(0), inputs[:2], deterministic=True)["params"]
     key = jax.random.key(1)
 
@@ -98,6 +102,9 @@ def main(argv=None) -> None:
                    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True))
         print(f"{name}: loss {float(lb):.7f} vs before {float(la):.7f}; "
               f"max |gradient difference| {diff:.1e}")
+        if abs(float(lb) - float(la)) > 1e-6 or diff > 1e-6:
+            raise SystemExit(f"bench_sasrec_backward: {name} does not compute the same loss "
+                             f"and gradient (loss {float(lb)} vs {float(la)}, {diff=})")
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(args.repeats):
         for name, f in (fns.items() if r % 2 == 0 else reversed(fns.items())):
