@@ -1,6 +1,6 @@
-"""SASRec loss + gradient, the two backward-pass fixes of issue 14 on and off, one process.
+"""SASRec loss + gradient, the three backward-pass fixes of issue 14 on and off, one process.
 
-Variants (``before``: both off, as up to commit 24587db):
+Variants (``before``: all off, as up to commit 24587db), added one at a time:
 
 * ``flax.linen.Dropout`` vs ``sevo_jax.models.Dropout``: both draw the same masks from the same
   keys (the shim passes ``make_rng`` of the same module path to ``nn.Dropout``); only where
@@ -8,7 +8,9 @@ Variants (``before``: both off, as up to commit 24587db):
   the backward fusions vs the forward's stored ``keep / (1 - rate)`` factors);
 * ``lax.dot_general`` vs the models' Dense contraction (a matmul whose custom VJP forms the
   weight gradient ``x^T g`` directly; XLA:CPU otherwise turns the transpose of ``g^T x`` into a
-  copy of the ``(B*T, d)`` activation before each weight-gradient dot).
+  copy of the ``(B*T, d)`` activation before each weight-gradient dot);
+* ``flax.linen.LayerNorm`` vs ``sevo_jax.models.LayerNorm`` (the same maths and parameters with
+  a hand-written backward pass).
 
 Losses and gradients of all variants agree (printed).
 Synthetic Beauty-sized batch: 512 x 50, d = 64, 12,101 items, dropout 0.3, one core, one thread.
@@ -83,19 +85,20 @@ def main(argv=None) -> None:
         logits = model.apply({"params": params}, hidden, items, method="score")
         return models.sasrec_loss(logits[..., 0], logits[..., 1], targets != 0)
 
-    def compiled(dropout_cls, dot_general):
-        saved = models.Dropout, models._dense_dot_general
-        models.Dropout, models._dense_dot_general = dropout_cls, dot_general
+    def compiled(dropout_cls, dot_general, layer_norm_cls):
+        saved = models.Dropout, models._dense_dot_general, models.LayerNorm
+        models.Dropout, models._dense_dot_general, models.LayerNorm = (
+            dropout_cls, dot_general, layer_norm_cls)
         try:
             return jax.jit(jax.value_and_grad(loss)).lower(params, key).compile()
         finally:
-            models.Dropout, models._dense_dot_general = saved
+            models.Dropout, models._dense_dot_general, models.LayerNorm = saved
 
-    ours = models._dense_dot_general
-    fns = {"before": compiled(FlaxDropout, jax.lax.dot_general),
-           "models.Dropout": compiled(models.Dropout, jax.lax.dot_general),
-           "Dense matmul VJP": compiled(FlaxDropout, ours),
-           "both (now)": compiled(models.Dropout, ours)}
+    dot, ours = jax.lax.dot_general, models._dense_dot_general
+    fns = {"before": compiled(FlaxDropout, dot, nn.LayerNorm),
+           "+ models.Dropout": compiled(models.Dropout, dot, nn.LayerNorm),
+           "+ Dense matmul VJP": compiled(models.Dropout, ours, nn.LayerNorm),
+           "+ models.LayerNorm (now)": compiled(models.Dropout, ours, models.LayerNorm)}
     (la, ga), *rest = (f(params, key) for f in fns.values())
     for name, (lb, gb) in zip(list(fns)[1:], rest, strict=True):
         diff = max(float(jnp.abs(a - b).max())
