@@ -63,7 +63,11 @@ __all__ = [
 ]
 
 MATMUL_IMPLS = ("chunked", "segment_sum", "bcoo")
-MATMUL_CHUNK = 16384
+MATMUL_CHUNK: int | None = None  # non-zeros per chunk of "chunked"; None: by width (below)
+MATMUL_CHUNK_BYTES = 1 << 20  # the message buffer of one chunk, when MATMUL_CHUNK is None
+# XLA:CPU gathers float32 rows narrower than 64 entries 2-5x slower per entry than rows of 64 or
+# more (BENCHMARKS.md), so "chunked" pads x to this width when that costs less.
+_FAST_GATHER_WIDTH = 64
 
 RowwiseFn = Callable[..., jax.Array]  # (matmul, x, *operands) -> y, row-wise except through matmul
 
@@ -196,7 +200,9 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
     * ``"bcoo"``: ``jax.experimental.sparse.BCOO @ x``.
 
     Entries whose row is out of range (``>= num_rows``: sharding's padding) are dropped.
-    ``chunk`` defaults to ``MATMUL_CHUNK``.
+    ``chunk`` defaults to ``MATMUL_CHUNK`` or, when that is None, to the number of rows of
+    ``x`` that fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64 in float32). ``"chunked"`` pads a
+    float32 ``x`` of 25 to 63 columns with zero columns to 64 (XLA:CPU's fast row gather).
 
     Examples:
       >>> idx = jnp.array([[0, 1], [1, 0]], jnp.int32)   # S = [[0, 2], [3, 0]]
@@ -206,7 +212,13 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
     """
     check_impl(impl)
     impl = default_matmul_impl() if impl is None else impl
-    chunk = MATMUL_CHUNK if chunk is None else int(chunk)
+    width = x.shape[1]
+    if impl == "chunked" and x.dtype == jnp.float32 and 24 < width < _FAST_GATHER_WIDTH:
+        x = jnp.pad(x, ((0, 0), (0, _FAST_GATHER_WIDTH - width)))
+    if chunk is None:
+        row_bytes = x.dtype.itemsize * max(x.shape[1], 1)
+        chunk = MATMUL_CHUNK or max(256, MATMUL_CHUNK_BYTES // row_bytes)
+    chunk = int(chunk)
     w = weights.astype(x.dtype)
     rows, cols = indices[:, 0], indices[:, 1]
     nnz = w.shape[0]
@@ -215,7 +227,7 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
         return a @ x
     if impl == "segment_sum" or nnz <= chunk:
         return jax.ops.segment_sum(w[:, None] * x[cols], rows, num_segments=num_rows,
-                                   indices_are_sorted=True)
+                                   indices_are_sorted=True)[:, :width]
     num_chunks = -(-nnz // chunk)
     pad = num_chunks * chunk - nnz
     # pad with copies of the last entry at weight 0, so rows stay sorted within every chunk
@@ -227,8 +239,9 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
         return out.at[rows[i]].add(w[i][:, None] * x[cols[i]], indices_are_sorted=True, mode="drop")
 
     # the first chunk seeds the carry, so it has the loop's type (also under shard_map)
-    first = body(0, jnp.zeros((num_rows, x.shape[1]), x.dtype))
-    return jax.lax.fori_loop(1, num_chunks, body, first)
+    seed = body(0, jnp.zeros((num_rows, x.shape[1]), x.dtype))
+    out = jax.lax.fori_loop(1, num_chunks, body, seed)
+    return out[:, :width]
 
 
 def leaves_match(leaves: Sequence[Any], specs: Sequence[jax.ShapeDtypeStruct]) -> bool:

@@ -1,0 +1,107 @@
+"""``sparse_matmul`` (chunked, the CPU default) of this checkout vs an older ``operator.py``
+vs scipy CSR, side by side in one process on one core.
+
+Uniform random graphs (n = nnz / 20, float32), one product ``A @ X`` per call, CPU time per
+call, 7 blocks alternating A B C / C B A, medians of per-block ratios.
+
+Usage::
+
+    git show 24587db:sevo_jax/operator.py > /tmp/operator_before.py
+    python benchmarks/bench_matmul_versions.py --before /tmp/operator_before.py \\
+        --nnz 1e5,1e6 --d 16,32,48,64,128
+    python benchmarks/bench_matmul_versions.py --smoke   # CI: this checkout against itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _util  # noqa: E402  (stdlib only)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(float(x)) for x in s.split(",") if x.strip()]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", default=None,
+                   help="an older sevo_jax/operator.py (default: this checkout's own)")
+    p.add_argument("--nnz", type=_ints, default=_ints("1e5,1e6"))
+    p.add_argument("--d", type=_ints, default=_ints("16,32,48,64,128"))
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--cpu", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.nnz, args.d, args.repeats = [2000], [8, 32], 2
+    if args.before is None:
+        args.before = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                                   "sevo_jax", "operator.py")
+    _util.limit_threads(args.cpu)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import scipy.sparse as sp
+
+    from sevo_jax import operator as now
+
+    spec = importlib.util.spec_from_file_location("operator_before", args.before)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"bench_matmul_versions: --before: cannot load {args.before}")
+    before = importlib.util.module_from_spec(spec)
+    sys.modules["operator_before"] = before
+    spec.loader.exec_module(before)
+
+    rng = np.random.default_rng(0)
+    print(_util.machine_line(_util.machine_info()))
+    print("| nnz | d | scipy CSR | before | now | before / scipy | now / scipy | now / before |")
+    print("|---|---|---|---|---|---|---|---|")
+    for nnz in args.nnz:
+        n = nnz // 20
+        a = sp.csr_matrix((rng.random(nnz).astype(np.float32),
+                           (rng.integers(0, n, nnz), rng.integers(0, n, nnz))), shape=(n, n))
+        a.sum_duplicates()
+        a.sort_indices()
+        coo = a.tocoo()
+        idx = jnp.asarray(np.stack([coo.row, coo.col], 1).astype(np.int32))
+        w = jnp.asarray(coo.data)
+        for d in args.d:
+            x = rng.standard_normal((n, d)).astype(np.float32)
+            xj = jnp.asarray(x)
+            ref = a @ x
+            f_before = jax.jit(lambda i, v, y, n=n: before.sparse_matmul(i, v, y, n,
+                                                                        impl="chunked"))
+            f_now = jax.jit(lambda i, v, y, n=n: now.sparse_matmul(i, v, y, n, impl="chunked"))
+            args_j = (idx, w, xj)
+            fns = {"scipy": lambda a=a, x=x: a @ x,
+                   "before": lambda f=f_before, g=args_j: f(*g).block_until_ready(),
+                   "now": lambda f=f_now, g=args_j: f(*g).block_until_ready()}
+            for name, f in fns.items():
+                if not np.allclose(np.asarray(f()), ref, atol=1e-4, rtol=1e-4):
+                    raise SystemExit(f"bench_matmul_versions: {name} disagrees with scipy")
+            calls = max(1, int(2e6 // nnz))
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for r in range(args.repeats):
+                for name, f in (fns.items() if r % 2 == 0 else reversed(fns.items())):
+                    t = time.process_time()
+                    for _ in range(calls):
+                        f()
+                    times[name].append((time.process_time() - t) / calls)
+            s, b, c = (np.array(times[k]) for k in ("scipy", "before", "now"))
+            print(f"| {nnz:,} | {d} | {_util.fmt_s(float(np.median(s)))} "
+                  f"| {_util.fmt_s(float(np.median(b)))} | {_util.fmt_s(float(np.median(c)))} "
+                  f"| {np.median(b / s):.2f} | {np.median(c / s):.2f} | {np.median(c / b):.2f} |",
+                  flush=True)
+    print("load average at the end:", os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()
