@@ -4,7 +4,8 @@ Times ``--steps`` jitted train steps after a warm-up step and extrapolates to on
 (``ceil(examples / batch)`` steps); times one validation pass over every user. Run pinned to
 one core for the CPU numbers of RESULTS.md::
 
-    taskset -c 0 python benchmarks/epoch_time_zoo.py --data ../shared/data/amazon-beauty/Beauty.txt \\
+    taskset -c 0 python benchmarks/epoch_time_zoo.py \\
+        --data ../shared/data/amazon-beauty/Beauty.txt \\
         --model bert4rec --optimizer sevo-adamw
 """
 
