@@ -244,7 +244,7 @@ _FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "approx": _choice(APPROXIMATIONS), "H": _integer(1), "maxlen": _integer(1, optional=True),
     "features": _integer(1), "num_blocks": _integer(1, optional=True),
     "num_heads": _integer(1, optional=True), "dropout": _number(0, 1, optional=True),
-    "attention_dropout": _number(0, 1, optional=True), "mask_prob": _number(0, 1, optional=True),
+    "attention_dropout": _number(0, 1, optional=True), "mask_prob": _number(0, 1, low_open=True, optional=True),
     "pvn_weight": _number(0, optional=True), "lr_decay_factor": _number(0, low_open=True),
     "lr_decay_every": _integer(1), "seed": _integer(0), "eval_every": _integer(1),
     "patience": _integer(1, optional=True), "eval_batch_size": _integer(1), "kcore": _integer(0),

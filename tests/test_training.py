@@ -154,7 +154,7 @@ def test_sevo_beats_adamw_on_planted_clusters(tmp_path):
 
 def test_no_validation_or_test_item_reaches_training_or_the_graph(small_ds, tmp_path):
     ds = small_ds
-    for model in ("sasrec", "gru4rec", "mfbpr"):
+    for model in training.MODELS:
         cfg = training.TrainConfig(model=model, **SMALL).resolved()
         ex = training.training_examples(cfg, ds)
         users = ex.users
