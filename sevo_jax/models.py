@@ -9,22 +9,37 @@ The tables SEvo smooths sit at fixed parameter paths, selected by :func:`sevo_ma
 
 * ``SASRec``, ``GRU4Rec``: ``params["item_embedding"]["embedding"]`` ``(num_items + 1, d)``.
 * ``MFBPR``: ``params["table_0_users"]["embedding"]`` ``(num_users, d)`` and
-  ``params["table_1_items"]["embedding"]`` ``(num_items + 1, d)``.
+  ``params["table_1_items"]["embedding"]`` ``(num_items + 1, d)`` (the user-item form smooths
+  both on the user-item graph; the item-item form only the item table).
+* ``BERT4Rec``: ``params["item_embedding"]["embedding"]`` and the output layer's
+  ``params["output_embedding"]["embedding"]``, both ``(num_items + 2, d)`` (row
+  ``num_items + 1`` is the mask token), each smoothed on its own by the same graph.
+* ``STOSA``: ``params["mean_embedding"]["embedding"]`` and
+  ``params["covariance_embedding"]["embedding"]``, both ``(num_items + 1, d)``, each smoothed on
+  its own by the same graph.
+
+Two tables smoothed "each on its own by the same graph ``A``" are one signal on the
+block-diagonal graph ``diag(A, A)`` (psi acts on each block alone), which is how the trainer
+passes them to ``sevo_smooth`` (``sevo_jax.training.build_graph``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from sevo_jax import masks
 
 __all__ = [
     "SEVO_TABLES",
+    "BERT4Rec",
+    "BERT4RecBlock",
     "BiasFreeGRU",
     "Dropout",
     "GRU4Rec",
@@ -32,14 +47,21 @@ __all__ = [
     "MFBPR",
     "SASRec",
     "SASRecBlock",
+    "STOSA",
+    "STOSALayer",
     "bias_free_gru_step",
     "bpr_loss",
+    "cloze_loss",
     "masked_gru",
     "sasrec_loss",
     "sevo_mask",
+    "stosa_loss",
+    "wasserstein_distance",
+    "wasserstein_distance_matrix",
 ]
 
-SEVO_TABLES = ("item_embedding", "table_0_users", "table_1_items")
+SEVO_TABLES = ("item_embedding", "table_0_users", "table_1_items", "output_embedding",
+               "mean_embedding", "covariance_embedding")
 
 _xavier_normal = nn.initializers.xavier_normal()
 
@@ -524,6 +546,9 @@ class MFBPR(nn.Module):
     (dict keys in sorted order) yields the user table before the item table: the node order of
     the user-item graph (users first, then items with padding), along which SEvo stacks the two
     tables before smoothing them jointly.
+
+    Both tables start ``Normal(0, 1e-4)``, as in the reference (MTandHJ/SEvo ``MF-BPR/main.py``
+    ``reset_parameters``).
     """
 
     num_users: int
@@ -531,12 +556,9 @@ class MFBPR(nn.Module):
     features: int = 64
 
     def setup(self) -> None:
-        self.table_0_users = nn.Embed(
-            self.num_users, self.features, embedding_init=_xavier_normal
-        )
-        self.table_1_items = nn.Embed(
-            self.num_items + 1, self.features, embedding_init=_xavier_normal
-        )
+        init = nn.initializers.normal(1e-4)
+        self.table_0_users = nn.Embed(self.num_users, self.features, embedding_init=init)
+        self.table_1_items = nn.Embed(self.num_items + 1, self.features, embedding_init=init)
 
     def __call__(self, users: jax.Array) -> jax.Array:
         """Returns the user vectors ``(..., d)`` of user ids ``(...)``."""
@@ -551,6 +573,358 @@ class MFBPR(nn.Module):
     def score_all(self, hidden: jax.Array) -> jax.Array:
         """Scores ``(B, num_items + 1)`` of ``hidden (B, d)`` against every item id."""
         return self.table_1_items.attend(hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# BERT4Rec
+# --------------------------------------------------------------------------------------------
+
+
+def clamped_xavier_normal(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
+                          ) -> jax.Array:
+    """Xavier normal (fan-in ``prod(shape[:-1])``, fan-out ``shape[-1]``) clipped to
+    ``[-0.02, 0.02]``: the reference BERT4Rec's init of every Linear and Embedding weight."""
+    std = (2.0 / (math.prod(shape[:-1]) + shape[-1])) ** 0.5
+    return jnp.clip(std * jax.random.normal(key, shape, dtype), -0.02, 0.02)
+
+
+def _torch_in_projection(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
+                         ) -> jax.Array:
+    """PyTorch ``MultiheadAttention``'s query/key/value init: Xavier uniform of the stacked
+    ``(3d, d)`` projection, i.e. bound ``sqrt(6 / (d + 3d))`` for each ``(d, heads, d/heads)``."""
+    bound = (6.0 / (4 * shape[0])) ** 0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class BERT4RecBlock(nn.Module):
+    """One post-LayerNorm Transformer encoder layer (PyTorch ``nn.TransformerEncoderLayer``
+    with GELU, ``dim_feedforward = 4d``)::
+
+        x = LN1(x + Dropout(MHA(x, x, x; key padding mask)))
+        x = LN2(x + Dropout(Dense(Dropout(GELU(Dense(x))))))
+    """
+
+    features: int
+    num_heads: int
+    dropout: float
+    attention_dropout: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+        attn = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            qkv_features=self.features,
+            out_features=self.features,
+            dropout_rate=self.attention_dropout,
+            broadcast_dropout=False,
+            kernel_init=_torch_in_projection,
+            out_kernel_init=clamped_xavier_normal,
+            name="attention",
+        )(x, x, x, mask=mask, deterministic=deterministic)
+        attn = nn.Dropout(self.dropout)(attn, deterministic=deterministic)
+        x = nn.LayerNorm(epsilon=1e-5, name="attention_norm")(x + attn)
+        y = nn.Dense(4 * self.features, kernel_init=clamped_xavier_normal, name="ffn_in")(x)
+        y = nn.Dropout(self.dropout)(nn.gelu(y, approximate=False), deterministic=deterministic)
+        y = nn.Dense(self.features, kernel_init=clamped_xavier_normal, name="ffn_out")(y)
+        y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        return nn.LayerNorm(epsilon=1e-5, name="ffn_norm")(x + y)
+
+
+class BERT4Rec(nn.Module):
+    """BERT4Rec (Sun et al., 2019) as in the SEvo reference (MTandHJ/SEvo ``BERT4Rec/main.py``).
+
+    Ids: ``0`` padding, ``1..num_items`` items, ``mask_id = num_items + 1`` the cloze mask
+    token, so the item table and the output layer have ``num_items + 2`` rows (``table_rows``,
+    more on a mesh: padding rows after the mask token). Input ``(B, T)``, ``T <= maxlen``::
+
+        h_0 = Dropout(LN(E[seq] + P)),  h_l = BERT4RecBlock(h_{l-1}; keys that are not padding)
+        logits = h_L W^T + b          (W: ``output_embedding`` (rows, d), b: ``output_bias``)
+
+    Bidirectional: every position attends to every non-padding position. Positions are
+    right-aligned as in :class:`SASRec`. Init as the reference: every Dense/Embed weight Xavier
+    normal clipped to +-0.02 (:func:`clamped_xavier_normal`), attention in-projections PyTorch's
+    Xavier uniform, biases 0. Training is cloze (:func:`cloze_loss`); a user is scored by
+    appending ``mask_id`` to the sequence and reading the logits of that last position.
+
+    SEvo (reference ``marked_params``): the item table and ``W`` are smoothed, each on its own,
+    by the co-occurrence graph with two isolated nodes (padding and mask token); ``b`` is not.
+    The output bias of ids past ``num_items + 1`` (a mesh's padding rows) is ``-1e9``, so they
+    take no probability mass and no gradient.
+    """
+
+    num_items: int
+    maxlen: int = 50
+    features: int = 64
+    num_blocks: int = 2
+    num_heads: int = 4
+    dropout: float = 0.2
+    attention_dropout: float | None = None  # None: ``dropout`` (PyTorch uses one rate)
+    table_rows: int | None = None  # None: num_items + 2
+
+    @property
+    def mask_id(self) -> int:
+        return self.num_items + 1
+
+    def setup(self) -> None:
+        rows = self.num_items + 2 if self.table_rows is None else self.table_rows
+        if rows < self.num_items + 2:
+            raise ValueError(f"table_rows {rows} < num_items + 2 = {self.num_items + 2}")
+        self.item_embedding = nn.Embed(rows, self.features, embedding_init=clamped_xavier_normal)
+        self.position_embedding = nn.Embed(self.maxlen, self.features,
+                                           embedding_init=clamped_xavier_normal)
+        self.embedding_norm = nn.LayerNorm(epsilon=1e-5)
+        self.embedding_dropout = nn.Dropout(self.dropout)
+        attention = self.dropout if self.attention_dropout is None else self.attention_dropout
+        self.blocks = [BERT4RecBlock(self.features, self.num_heads, self.dropout, attention)
+                       for _ in range(self.num_blocks)]
+        self.output_embedding = nn.Embed(rows, self.features, embedding_init=clamped_xavier_normal)
+        self.output_bias = self.param("output_bias", nn.initializers.zeros, (self.num_items + 2,))
+
+    def __call__(self, seqs: jax.Array, *, deterministic: bool) -> jax.Array:
+        """Returns the hidden state of every position, ``(B, T, d)``."""
+        length = seqs.shape[-1]
+        if length > self.maxlen:
+            raise ValueError(f"sequence length {length} exceeds maxlen {self.maxlen}")
+        positions = jnp.arange(self.maxlen - length, self.maxlen)
+        x = self.item_embedding(seqs) + self.position_embedding(positions)
+        x = self.embedding_dropout(self.embedding_norm(x), deterministic=deterministic)
+        mask = (seqs != 0)[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, mask, deterministic=deterministic)
+        if self.is_initializing():
+            self.score_all(x[:, :1])  # create the output layer
+        return x
+
+    def _bias(self) -> jax.Array:
+        extra = self.output_embedding.num_embeddings - self.output_bias.shape[0]
+        return jnp.concatenate([self.output_bias, jnp.full((extra,), -1e9, self.output_bias.dtype)])
+
+    def score(self, hidden: jax.Array, items: jax.Array) -> jax.Array:
+        """Logits ``(..., K)`` of items ``(..., K)`` given ``hidden (..., d)``."""
+        return _dot_scores(self.output_embedding, hidden, items) + self._bias()[items]
+
+    def score_all(self, hidden: jax.Array) -> jax.Array:
+        """Logits ``(..., table_rows)`` of ``hidden (..., d)`` over every id (padding and mask
+        token included, as the reference's cross-entropy; rankers drop ids 0 and > num_items)."""
+        return self.output_embedding.attend(hidden) + self._bias()
+
+
+def cloze_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Cross-entropy over the whole id range of the masked positions: ``mean over labels != 0
+    of [logsumexp(logits) - logits[label]]`` (``logits (K, V)``, ``labels (K,)``, 0 = no
+    position). Returns 0 when no position is masked."""
+    per_position = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    mask = (labels != 0).astype(per_position.dtype)
+    return (per_position * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# STOSA
+# --------------------------------------------------------------------------------------------
+
+
+def _stosa_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """``Normal(0.01, 0.02)``: the reference STOSA's init of every Linear and Embedding weight."""
+    return 0.01 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def _root(cov: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.maximum(cov, 1e-24))
+
+
+def wasserstein_distance(mean1: jax.Array, cov1: jax.Array, mean2: jax.Array, cov2: jax.Array
+                         ) -> jax.Array:
+    """Squared 2-Wasserstein distance of diagonal Gaussians, over the last axis (broadcast)::
+
+        W(1, 2) = ||mu1 - mu2||^2 + ||sqrt(S1) - sqrt(S2)||^2
+    """
+    root = _root(cov1) - _root(cov2)
+    return jnp.sum((mean1 - mean2) ** 2, -1) + jnp.sum(root * root, -1)
+
+
+def wasserstein_distance_matrix(mean1: jax.Array, cov1: jax.Array, mean2: jax.Array,
+                                cov2: jax.Array) -> jax.Array:
+    """:func:`wasserstein_distance` of every row of ``(..., N, d)`` with every row of
+    ``(..., M, d)``, ``(..., N, M)``, through matmuls (no ``N x M x d`` buffer)::
+
+        ||mu1||^2 + ||mu2||^2 - 2 mu1.mu2 + sum(S1) + sum(S2) - 2 sqrt(S1).sqrt(S2)
+    """
+    means = (jnp.sum(mean1 ** 2, -1)[..., :, None] + jnp.sum(mean2 ** 2, -1)[..., None, :]
+             - 2 * mean1 @ jnp.swapaxes(mean2, -1, -2))
+    covs = (jnp.sum(cov1, -1)[..., :, None] + jnp.sum(cov2, -1)[..., None, :]
+            - 2 * _root(cov1) @ jnp.swapaxes(_root(cov2), -1, -2))
+    return means + covs
+
+
+class _DistFeedForward(nn.Module):
+    """``LN(x + Dropout(Dense_d(ELU(Dense_4d(x)))))``, the reference's ``DistIntermediate``."""
+
+    features: int
+    dropout: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        y = nn.elu(nn.Dense(4 * self.features, kernel_init=_stosa_init, name="dense_in")(x))
+        y = nn.Dense(self.features, kernel_init=_stosa_init, name="dense_out")(y)
+        y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        return nn.LayerNorm(epsilon=1e-12, name="norm")(x + y)
+
+
+class STOSALayer(nn.Module):
+    """One STOSA layer (the reference's ``DistLayer``): Wasserstein self-attention over the
+    means ``M`` and covariances ``S`` (positive), then a feed-forward block for each::
+
+        q, k, v = Dense(M) (per head);   Sq, Sk, Sv = ELU(Dense(S)) + 1
+        A = softmax(-W(q, Sq; k, Sk) / sqrt(d_head) + mask_bias);  A = Dropout_attn(A)
+        M' = LN(M + Dropout(Dense(A v))),   S' = LN(S + Dropout(Dense(A^2 Sv)))  (one LN)
+        M'' = FFN_M(M'),   S'' = ELU(FFN_S(S')) + 1
+    """
+
+    features: int
+    num_heads: int
+    dropout: float
+    attention_dropout: float
+
+    @nn.compact
+    def __call__(self, mean: jax.Array, cov: jax.Array, mask_bias: jax.Array, *,
+                 deterministic: bool) -> tuple[jax.Array, jax.Array]:
+        if self.features % self.num_heads:
+            raise ValueError(f"features {self.features} is not a multiple of num_heads "
+                             f"{self.num_heads}")
+        head = self.features // self.num_heads
+
+        def project(name, x, positive=False):
+            y = nn.Dense(self.features, kernel_init=_stosa_init, name=name)(x)
+            y = nn.elu(y) + 1 if positive else y
+            return jnp.swapaxes(y.reshape(y.shape[:-1] + (self.num_heads, head)), -2, -3)
+
+        def merge(x):
+            x = jnp.swapaxes(x, -2, -3)
+            return x.reshape(x.shape[:-2] + (self.features,))
+
+        q, k, v = (project(f"mean_{n}", mean) for n in ("query", "key", "value"))
+        sq, sk, sv = (project(f"cov_{n}", cov, True) for n in ("query", "key", "value"))
+        logits = -wasserstein_distance_matrix(q, sq, k, sk) / math.sqrt(head) + mask_bias
+        probs = nn.Dropout(self.attention_dropout)(jax.nn.softmax(logits, -1),
+                                                   deterministic=deterministic)
+        norm = nn.LayerNorm(epsilon=1e-12, name="attention_norm")
+
+        def out(name, context, x):
+            y = nn.Dense(self.features, kernel_init=_stosa_init, name=name)(merge(context))
+            return norm(x + nn.Dropout(self.dropout)(y, deterministic=deterministic))
+
+        mean = out("mean_out", probs @ v, mean)
+        cov = out("cov_out", (probs * probs) @ sv, cov)
+        mean = _DistFeedForward(self.features, self.dropout, name="mean_ffn")(
+            mean, deterministic=deterministic)
+        cov = _DistFeedForward(self.features, self.dropout, name="cov_ffn")(
+            cov, deterministic=deterministic)
+        return mean, nn.elu(cov) + 1
+
+
+class STOSA(nn.Module):
+    """STOSA (Fan et al., 2022) as in the SEvo reference (MTandHJ/SEvo ``STOSA/main.py``,
+    ``STOSA/modules.py``): every item is a diagonal Gaussian, mean ``E_M[i]`` and covariance
+    ``ELU(E_S[i]) + 1``; a sequence ``(B, T)`` (0 = padding, ``T <= maxlen``) becomes::
+
+        M = ELU(Dropout(LN(E_M[seq] + P_M))),   S = ELU(Dropout(LN(E_S[seq] + P_S))) + 1
+        S <- STOSALayer(M, S)  for each of num_blocks layers (causal, padding keys masked)
+
+    and the score of item ``i`` at a position is ``-W((M, S), (E_M[i], ELU(E_S[i]) + 1))``
+    (:func:`wasserstein_distance`). The LN is shared by means and covariances, as there.
+
+    ``update_means=False`` (the default) keeps the reference's behaviour: its encoder loop
+    assigns each layer's new means to a misspelt variable, so every layer receives the
+    embedding means ``M`` and the output means are ``M`` itself; only the covariances go through
+    the layers. ``update_means=True`` passes the means through the layers too (not what the
+    published numbers were trained with).
+
+    ``__call__`` returns ``concat([means, covariances], -1)``, ``(B, T, 2d)``, so that the
+    trainer can slice the last position like SASRec's hidden states.
+
+    SEvo (reference ``marked_params``): both item tables ``mean_embedding`` and
+    ``covariance_embedding`` are smoothed, each on its own, by the co-occurrence graph; the
+    positional tables and the layers are not. Init as the reference: every Dense/Embed weight
+    ``Normal(0.01, 0.02)``, biases 0.
+    """
+
+    num_items: int
+    maxlen: int = 100
+    features: int = 64
+    num_blocks: int = 1
+    num_heads: int = 4
+    dropout: float = 0.2
+    attention_dropout: float = 0.5
+    update_means: bool = False
+
+    def setup(self) -> None:
+        rows = self.num_items + 1
+        self.mean_embedding = nn.Embed(rows, self.features, embedding_init=_stosa_init)
+        self.covariance_embedding = nn.Embed(rows, self.features, embedding_init=_stosa_init)
+        self.mean_position = nn.Embed(self.maxlen, self.features, embedding_init=_stosa_init)
+        self.covariance_position = nn.Embed(self.maxlen, self.features, embedding_init=_stosa_init)
+        self.embedding_norm = nn.LayerNorm(epsilon=1e-12)
+        self.embedding_dropout = nn.Dropout(self.dropout)
+        self.layers = [STOSALayer(self.features, self.num_heads, self.dropout,
+                                  self.attention_dropout) for _ in range(self.num_blocks)]
+
+    def __call__(self, seqs: jax.Array, *, deterministic: bool) -> jax.Array:
+        """``concat([means, covariances], -1)`` of every position, ``(B, T, 2d)``."""
+        length = seqs.shape[-1]
+        if length > self.maxlen:
+            raise ValueError(f"sequence length {length} exceeds maxlen {self.maxlen}")
+        positions = jnp.arange(self.maxlen - length, self.maxlen)
+
+        def embed(table, position_table):
+            x = self.embedding_norm(table(seqs) + position_table(positions))
+            return nn.elu(self.embedding_dropout(x, deterministic=deterministic))
+
+        mean = embed(self.mean_embedding, self.mean_position)
+        cov = embed(self.covariance_embedding, self.covariance_position) + 1
+        valid = seqs != 0
+        mask = jnp.tril(jnp.ones((length, length), bool))[None, None] & valid[:, None, None, :]
+        mask_bias = jnp.where(mask, 0.0, -(2.0 ** 32) + 1)
+        for layer in self.layers:
+            new_mean, cov = layer(mean, cov, mask_bias, deterministic=deterministic)
+            if self.update_means:
+                mean = new_mean
+        return jnp.concatenate([mean, cov], axis=-1)
+
+    def item_gaussians(self, items: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(E_M[items], ELU(E_S[items]) + 1)``."""
+        return self.mean_embedding(items), nn.elu(self.covariance_embedding(items)) + 1
+
+    def score(self, hidden: jax.Array, items: jax.Array) -> jax.Array:
+        """``-W`` of ``hidden (..., 2d)`` with items ``(..., K)``, ``(..., K)``."""
+        mean, cov = jnp.split(hidden[..., None, :], 2, axis=-1)
+        return -wasserstein_distance(mean, cov, *self.item_gaussians(items))
+
+    def item_scores(self, items: jax.Array, others: jax.Array) -> jax.Array:
+        """``-W`` between the items and the others (same shape): the reference's pvn logits."""
+        return -wasserstein_distance(*self.item_gaussians(items), *self.item_gaussians(others))
+
+    def score_all(self, hidden: jax.Array) -> jax.Array:
+        """``-W`` of ``hidden (B, 2d)`` with every item id, ``(B, num_items + 1)``."""
+        mean, cov = jnp.split(hidden, 2, axis=-1)
+        table = self.mean_embedding.embedding
+        items_cov = nn.elu(self.covariance_embedding.embedding) + 1
+        return -wasserstein_distance_matrix(mean, cov, table, items_cov)
+
+
+def stosa_loss(pos_logits: jax.Array, neg_logits: jax.Array, pvn_logits: jax.Array,
+               mask: jax.Array, pvn_weight: float) -> jax.Array:
+    """The reference STOSA objective over the positions of ``mask``::
+
+        mean[-log sigmoid(pos - neg)] + pvn_weight * mean[max(pvn - pos, 0)]
+
+    with ``pos = -W(h, target)``, ``neg = -W(h, negative)`` and ``pvn = -W(target,
+    negative)``: the positive must be closer to the sequence than to the negative.
+    """
+    mask = mask.astype(pos_logits.dtype)
+    count = jnp.maximum(mask.sum(), 1.0)
+    bpr = (-jax.nn.log_sigmoid(pos_logits - neg_logits) * mask).sum() / count
+    pvn = (jnp.maximum(pvn_logits - pos_logits, 0.0) * mask).sum() / count
+    return bpr + pvn_weight * pvn
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,9 +37,26 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def model_default(field: str) -> str:
+    """``default: sasrec 200, gru4rec 300, ...`` of a per-model field (``MODEL_DEFAULTS``)."""
+    def cell(pair):
+        return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]} ({pair[1]} on MovieLens)"
+
+    values = [f"{m} {cell(d[field])}" for m, d in training.MODEL_DEFAULTS.items() if field in d]
+    return "default per model (reference config): " + ", ".join(values)
+
+
 def build_parser() -> _Parser:
     d = training.TrainConfig()
-    p = _Parser(prog=PROG, description="Train SASRec / GRU4Rec / MF-BPR with or without SEvo.")
+    p = _Parser(
+        prog=PROG,
+        description="Train SASRec / GRU4Rec / BERT4Rec / STOSA / MF-BPR with or without SEvo.",
+        epilog="Per-model defaults are the SEvo reference implementation's configs "
+               "(github.com/MTandHJ/SEvo, <model>/configs/AmazonBeauty_550_Chron.yaml, and "
+               "MovieLens1M_550_Chron.yaml with --format movielens; MF-BPR with an item graph: "
+               "MF-BPR/item-item/AmazonBeauty_550_Chron.yaml); SASRec and GRU4Rec on MovieLens "
+               "follow the paper's spec §4, and so does --b2 0.98 of GRU4Rec and MF-BPR (their "
+               "configs set no beta2). On the synthetic set every model trains 40 epochs.")
     a = p.add_argument
     a("--model", choices=training.MODELS, default=d.model)
     a("--data", default=None, help="data file or directory (omit for the synthetic set)")
@@ -48,24 +65,44 @@ def build_parser() -> _Parser:
            "--data)")
     a("--optimizer", choices=training.OPTIMIZERS, default=d.optimizer)
     a("--graph", choices=training.GRAPHS, default=d.graph,
-      help="prior graph for SEvo (auto: co-occurrence, user-item for mfbpr)")
-    a("--epochs", type=int, default=None, help="default: 200 SASRec, 300 GRU4Rec, 40 synthetic")
-    a("--batch-size", type=int, default=None, help="default: 512 (128 for SASRec on MovieLens)")
-    a("--lr", type=float, default=None, help="default: 1e-3 (0.1 for sgd)")
-    a("--weight-decay", type=float, default=None, help="default: 0.1 for adamw, else 0")
+      help="prior graph for SEvo (auto: co-occurrence; user-item for mfbpr, which smooths its "
+           "user and item tables; mfbpr with cooccurrence or category smooths its item table "
+           "only, as the reference's MF-BPR/main2.py)")
+    a("--epochs", type=int, default=None, help=model_default("epochs") + "; 40 synthetic")
+    a("--batch-size", type=int, default=None, help=model_default("batch_size"))
+    a("--lr", type=float, default=None, help=model_default("lr") + "; 0.1 for sgd")
+    a("--weight-decay", type=float, default=None,
+      help=model_default("weight_decay") + " for adamw; 0 for the others")
+    a("--lr-decay-factor", type=float, default=d.lr_decay_factor,
+      help="multiply the lr by this every --lr-decay-every epochs (the reference BERT4Rec's "
+           "StepLR; its Beauty config leaves it at 1: no decay)")
+    a("--lr-decay-every", type=int, default=d.lr_decay_every,
+      help="epochs between lr decays (reference BERT4Rec: 25)")
     a("--b1", type=float, default=d.b1)
-    a("--b2", type=float, default=d.b2)
+    a("--b2", type=float, default=None, help=model_default("b2"))
     a("--eps", type=float, default=d.eps, help="Adam's epsilon")
     a("--momentum", type=float, default=None, help="sgd momentum (default: none)")
-    a("--beta", type=float, default=d.beta, help="SEvo smoothing strength in [0, 1)")
+    a("--beta", type=float, default=None,
+      help="SEvo smoothing strength in [0, 1); " + model_default("beta")
+           + f"; mfbpr with an item graph {training.MFBPR_ITEM_GRAPH_BETA}")
     a("--num-layers", type=int, default=d.num_layers, help="SEvo layers L")
     a("--approx", choices=training.APPROXIMATIONS, default=d.approx)
     a("--H", type=int, default=d.H, help="co-occurrence walk length")
-    a("--maxlen", type=int, default=None, help="default: 50 (200 on MovieLens)")
-    a("--dropout", type=float, default=None)
-    a("--features", type=int, default=d.features)
-    a("--num-blocks", type=int, default=d.num_blocks, help="SASRec transformer blocks")
-    a("--num-heads", type=int, default=d.num_heads, help="SASRec attention heads")
+    a("--maxlen", type=int, default=None,
+      help=model_default("maxlen") + " (also the co-occurrence graph's window)")
+    a("--dropout", type=float, default=None, help=model_default("dropout"))
+    a("--attention-dropout", type=float, default=None,
+      help="dropout on attention weights of bert4rec and stosa; "
+           + model_default("attention_dropout"))
+    a("--mask-prob", type=float, default=None,
+      help="bert4rec's cloze masking probability; " + model_default("mask_prob"))
+    a("--pvn-weight", type=float, default=None,
+      help="weight of stosa's positive-vs-negative term; " + model_default("pvn_weight"))
+    a("--features", type=int, default=d.features, help="embedding width (every reference: 64)")
+    a("--num-blocks", type=int, default=None,
+      help="transformer blocks; " + model_default("num_blocks"))
+    a("--num-heads", type=int, default=None,
+      help="attention heads; " + model_default("num_heads"))
     a("--seed", type=int, default=d.seed)
     a("--eval-every", type=int, default=d.eval_every)
     a("--patience", type=int, default=d.patience,

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import flax.linen as nn
 import jax
@@ -46,7 +48,8 @@ try:
 except ImportError:  # not POSIX: output folders are not locked
     fcntl = None  # type: ignore[assignment]  # mypy checks as on POSIX, where it is a module
 
-MODELS = ("sasrec", "gru4rec", "mfbpr")
+MODELS = ("sasrec", "gru4rec", "bert4rec", "stosa", "mfbpr")
+SEQUENCE_MODELS = ("sasrec", "bert4rec", "stosa")  # a hidden state per position; score the last
 OPTIMIZERS = ("adamw", "sevo-adamw", "adam", "sevo-adam", "sgd", "sevo-sgd")
 GRAPHS = ("auto", "cooccurrence", "category", "user-item")
 APPROXIMATIONS = ("neumann", "iterative", "nsa")
@@ -66,18 +69,23 @@ class TrainConfig:
     lr: float | None = None
     weight_decay: float | None = None
     b1: float = 0.9
-    b2: float = 0.98
+    b2: float | None = None
     eps: float = 1e-8
     momentum: float | None = None
-    beta: float = 0.99
+    beta: float | None = None
     num_layers: int = 3
     approx: str = "neumann"
     H: int = 1
     maxlen: int | None = None
     features: int = 64
-    num_blocks: int = 2
-    num_heads: int = 1
+    num_blocks: int | None = None
+    num_heads: int | None = None
     dropout: float | None = None
+    attention_dropout: float | None = None  # BERT4Rec, STOSA (SASRec's attention uses dropout)
+    mask_prob: float | None = None  # BERT4Rec's cloze masking probability
+    pvn_weight: float | None = None  # STOSA's positive-vs-negative term
+    lr_decay_factor: float = 1.0  # lr *= factor every lr_decay_every epochs (BERT4Rec's StepLR)
+    lr_decay_every: int = 25
     seed: int = 0
     eval_every: int = 5
     patience: int | None = None  # off: SEvo's slower plateaus outlast short patience (RESULTS.md)
@@ -104,9 +112,13 @@ class TrainConfig:
             raise ConfigError("format", "'synthetic' takes no data path; pass --format for --data")
         if self.format != "synthetic" and self.data is None:
             raise ConfigError("data", f"is needed by format {self.format!r}")
-        if self.model == "mfbpr" and self.graph == "cooccurrence":
-            raise ConfigError("graph",
-                              "'cooccurrence' has item nodes only; mfbpr needs 'user-item'")
+        if self.model != "mfbpr" and self.graph == "user-item":
+            raise ConfigError("graph", f"'user-item' needs a model with a user table (mfbpr), "
+                              f"not {self.model}")
+        heads = self.num_heads or MODEL_DEFAULTS[self.model].get("num_heads", (1,))[0]
+        if self.model in SEQUENCE_MODELS and self.features % heads:
+            raise ConfigError("features", f"{self.features} must be a multiple of num_heads "
+                              f"{heads} (each head gets features / num_heads)")
         if self.mesh is not None:
             _, size = sharding_lib.parse_mesh_spec(self.mesh)
             if self.batch_size is not None and self.batch_size % size:
@@ -114,21 +126,51 @@ class TrainConfig:
                                   f"size {size} (mesh {self.mesh!r}): the batch is split over it")
 
     def resolved(self) -> TrainConfig:
-        """Fill the ``None`` defaults from spec §4 (Amazon-style unless MovieLens)."""
+        """Fill the ``None`` defaults: the reference's config of ``model`` (``MODEL_DEFAULTS``:
+        its Amazon Beauty values, its MovieLens-1M values with ``format="movielens"``); 40
+        epochs on the synthetic set; lr 0.1 and no weight decay for sgd, no weight decay for
+        adam. Fields a model does not use stay None."""
         movielens = self.format == "movielens"
-        defaults: dict[str, Any] = {
-            "epochs": {"sasrec": 200, "gru4rec": 300, "mfbpr": 200}[self.model],
-            "batch_size": 128 if movielens and self.model == "sasrec" else 512,
-            "maxlen": 200 if movielens else 50,
-            "dropout": {"sasrec": 0.1 if movielens else 0.3, "gru4rec": 0.4,
-                        "mfbpr": 0.0}[self.model],
-            "lr": 1e-1 if self.optimizer.endswith("sgd") else 1e-3,
-            "weight_decay": 0.1 if self.optimizer.endswith("adamw") else 0.0,
-        }
+        defaults: dict[str, Any] = {k: v[1] if movielens else v[0]
+                                    for k, v in MODEL_DEFAULTS[self.model].items()}
+        if self.optimizer.endswith("sgd"):
+            defaults["lr"] = 1e-1
+        if not self.optimizer.endswith("adamw"):
+            defaults["weight_decay"] = 0.0
+        if self.model == "mfbpr" and self.graph not in ("auto", "user-item"):
+            defaults["beta"] = MFBPR_ITEM_GRAPH_BETA
         if self.format == "synthetic":
             defaults["epochs"] = 40
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return dataclasses.replace(self, **filled)
+
+
+# The reference's per-model configs (MTandHJ/SEvo ``<model>/configs/AmazonBeauty_550_Chron.yaml``,
+# ``MovieLens1M_550_Chron.yaml``): field -> (Amazon Beauty value, MovieLens value). SASRec and
+# GRU4Rec on MovieLens follow spec §4 (the values RESULTS.md's MovieLens runs used). MF-BPR has
+# the Beauty values on MovieLens too, and beta 0.99 on the user-item graph and
+# ``MFBPR_ITEM_GRAPH_BETA`` on an item graph (``MF-BPR/item-item/AmazonBeauty_550_Chron.yaml``).
+MODEL_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "sasrec": {"epochs": (200, 200), "batch_size": (512, 128), "maxlen": (50, 200),
+               "dropout": (0.3, 0.1), "lr": (1e-3, 1e-3), "weight_decay": (0.1, 0.1),
+               "b2": (0.98, 0.98), "beta": (0.99, 0.99), "num_blocks": (2, 2),
+               "num_heads": (1, 1)},
+    "gru4rec": {"epochs": (300, 300), "batch_size": (512, 512), "maxlen": (50, 200),
+                "dropout": (0.4, 0.4), "lr": (1e-3, 1e-3), "weight_decay": (0.1, 0.1),
+                "b2": (0.98, 0.98), "beta": (0.99, 0.99)},
+    "bert4rec": {"epochs": (500, 500), "batch_size": (256, 256), "maxlen": (50, 200),
+                 "dropout": (0.2, 0.1), "attention_dropout": (0.2, 0.1), "lr": (5e-4, 1e-3),
+                 "weight_decay": (0.1, 0.1), "b2": (0.95, 0.999), "beta": (0.99, 0.99),
+                 "num_blocks": (2, 2), "num_heads": (4, 4), "mask_prob": (0.5, 0.2)},
+    "stosa": {"epochs": (500, 500), "batch_size": (256, 256), "maxlen": (100, 200),
+              "dropout": (0.2, 0.1), "attention_dropout": (0.5, 0.2), "lr": (1e-3, 5e-3),
+              "weight_decay": (0.1, 0.1), "b2": (0.999, 0.999), "beta": (0.99, 0.99),
+              "num_blocks": (1, 1), "num_heads": (4, 4), "pvn_weight": (0.005, 0.001)},
+    "mfbpr": {"epochs": (1000, 1000), "batch_size": (2048, 2048), "maxlen": (50, 50),
+              "dropout": (0.0, 0.0), "lr": (1e-3, 1e-3), "weight_decay": (0.1, 0.1),
+              "b2": (0.98, 0.98), "beta": (0.99, 0.99)},
+}
+MFBPR_ITEM_GRAPH_BETA = 0.9
 
 
 class ConfigError(ValueError):
@@ -197,22 +239,54 @@ _FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "optimizer": _choice(OPTIMIZERS), "graph": _choice(GRAPHS),
     "epochs": _integer(1, optional=True), "batch_size": _integer(1, optional=True),
     "lr": _number(0, low_open=True, optional=True), "weight_decay": _number(0, optional=True),
-    "b1": _number(0, 1), "b2": _number(0, 1), "eps": _number(0, low_open=True),
-    "momentum": _number(0, 1, optional=True), "beta": _number(0, 1), "num_layers": _integer(0),
+    "b1": _number(0, 1), "b2": _number(0, 1, optional=True), "eps": _number(0, low_open=True),
+    "momentum": _number(0, 1, optional=True), "beta": _number(0, 1, optional=True),
+    "num_layers": _integer(0),
     "approx": _choice(APPROXIMATIONS), "H": _integer(1), "maxlen": _integer(1, optional=True),
-    "features": _integer(1), "num_blocks": _integer(1), "num_heads": _integer(1),
-    "dropout": _number(0, 1, optional=True), "seed": _integer(0), "eval_every": _integer(1),
+    "features": _integer(1), "num_blocks": _integer(1, optional=True),
+    "num_heads": _integer(1, optional=True), "dropout": _number(0, 1, optional=True),
+    "attention_dropout": _number(0, 1, optional=True),
+    "mask_prob": _number(0, 1, low_open=True, optional=True),
+    "pvn_weight": _number(0, optional=True), "lr_decay_factor": _number(0, low_open=True),
+    "lr_decay_every": _integer(1), "seed": _integer(0), "eval_every": _integer(1),
     "patience": _integer(1, optional=True), "eval_batch_size": _integer(1), "kcore": _integer(0),
     "keep_duplicates": _flag, "cache_dir": _text(optional=True), "out": _text(optional=False),
     "progress": _flag, "mesh": _text(optional=True),
 }
 
 
+def graph_kind(config: TrainConfig) -> str:
+    """``config.graph`` with ``auto`` resolved: user-item for MF-BPR, else co-occurrence."""
+    if config.graph != "auto":
+        return config.graph
+    return "user-item" if config.model == "mfbpr" else "cooccurrence"
+
+
+def smoothed_tables(config: TrainConfig) -> tuple[str, ...]:
+    """The modules whose tables SEvo smooths, as the reference's optimizer param groups:
+    the item table (SASRec, GRU4Rec); the item table and the output layer (BERT4Rec); the
+    mean and covariance tables (STOSA); users and items on the user-item graph, the item
+    table alone on an item graph (MF-BPR, ``MF-BPR/main.py`` vs ``main2.py``)."""
+    if config.model == "bert4rec":
+        return ("item_embedding", "output_embedding")
+    if config.model == "stosa":
+        return ("covariance_embedding", "mean_embedding")
+    if config.model == "mfbpr":
+        users = ("table_0_users",) if graph_kind(config) == "user-item" else ()
+        return users + ("table_1_items",)
+    return ("item_embedding",)
+
+
+def table_mask(config: TrainConfig) -> Callable[[Any], Any]:
+    """``params -> pytree of bools``: ``models.sevo_mask`` over ``smoothed_tables(config)``."""
+    return functools.partial(models.sevo_mask, tables=smoothed_tables(config))
+
+
 def mesh_plan(config: TrainConfig) -> sharding_lib.MeshPlan | None:
-    """Where a run's arrays live on ``config.mesh`` (None: one device); tables = ``sevo_mask``."""
+    """Where a run's arrays live on ``config.mesh`` (None: one device); tables = ``table_mask``."""
     if config.mesh is None:
         return None
-    return sharding_lib.MeshPlan(sharding_lib.build_mesh(config.mesh), models.sevo_mask)
+    return sharding_lib.MeshPlan(sharding_lib.build_mesh(config.mesh), table_mask(config))
 
 
 # ---- data to batches ----------------------------------------------------------------------------
@@ -254,44 +328,98 @@ class NegativeSampler:
 
 @dataclasses.dataclass
 class Examples:
-    """Fixed training examples of one model; ``epoch_batches`` adds shuffling and negatives."""
+    """Fixed training examples of one model; ``epoch_batches`` adds shuffling and negatives
+    (or, with ``mask_prob``, the cloze masks of BERT4Rec)."""
 
     arrays: dict[str, np.ndarray]   # every array has the examples on axis 0
     users: np.ndarray               # the user of each example (for negative sampling)
-    target_key: str                 # the array whose items get negatives of the same shape
+    target_key: str                 # the array whose items get negatives (or are masked)
+    mask_prob: float | None = None  # cloze: mask each item of target_key with this probability
+    mask_id: int = 0                # ... replacing it by this id
 
     def __len__(self) -> int:
         return self.users.shape[0]
 
+    def has_targets(self) -> bool:
+        """Whether any example has an item to learn."""
+        return bool((self.arrays[self.target_key] != 0).any())
+
     def epoch_batches(
         self, sampler: NegativeSampler, batch_size: int, rng: np.random.Generator
     ) -> Iterator[dict[str, np.ndarray]]:
-        """Shuffled fixed-size batches; the last is padded with all-zero (masked) examples."""
+        """Shuffled fixed-size batches; the last is padded with all-zero (masked) examples.
+
+        Cloze (``mask_prob``): each non-padding item of ``target_key`` is masked with
+        probability ``mask_prob`` (replaced by ``mask_id``); ``cloze_index`` holds the flat
+        indices of the masked positions in the batch's ``(B, T)`` and ``cloze_labels`` their
+        items, both padded with 0 to a power of two >= 64 (few distinct shapes under jit).
+        """
         order = rng.permutation(len(self))
         targets = self.arrays[self.target_key]
-        users = np.broadcast_to(self.users.reshape((-1,) + (1,) * (targets.ndim - 1)),
-                                targets.shape)
-        negatives = sampler.sample(users, rng)
+        if self.mask_prob is None:
+            users = np.broadcast_to(self.users.reshape((-1,) + (1,) * (targets.ndim - 1)),
+                                    targets.shape)
+            negatives = sampler.sample(users, rng)
+        else:
+            draws = rng.random(targets.shape) < self.mask_prob
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = {k: v[idx] for k, v in self.arrays.items()}
-            batch["negatives"] = negatives[idx]
+            if self.mask_prob is None:
+                batch["negatives"] = negatives[idx]
             pad = batch_size - idx.size
             if pad:
                 batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
                          for k, v in batch.items()}
+            if self.mask_prob is not None:
+                items = batch[self.target_key]
+                masked = np.zeros(items.shape, bool)
+                masked[:idx.size] = draws[idx] & (items[:idx.size] != 0)
+                batch.update(cloze_batch(items, masked, self.mask_id))
             yield batch
 
 
+def cloze_batch(items: np.ndarray, masked: np.ndarray, mask_id: int) -> dict[str, np.ndarray]:
+    """The masked items ``where(masked, mask_id, items)`` (``(B, T)``), the flat indices of the
+    masked positions and their items, both padded with 0 to a power of two >= 64."""
+    index = np.flatnonzero(masked).astype(np.int32)
+    size = max(64, 1 << int(max(index.size, 1) - 1).bit_length())
+    labels = items.reshape(-1)[index]
+    return {"inputs": np.where(masked, mask_id, items).astype(np.int32),
+            "cloze_index": np.pad(index, (0, size - index.size)),
+            "cloze_labels": np.pad(labels, (0, size - index.size)).astype(np.int32)}
+
+
+_T = TypeVar("_T")
+
+
+def required(value: _T | None, name: str) -> _T:
+    """A config field that ``TrainConfig.resolved`` fills; a clear error if it is still None.
+
+    Examples:
+      >>> required(50, "maxlen")
+      50
+    """
+    if value is None:
+        raise ValueError(f"config field {name} is None: call TrainConfig.resolved() first")
+    return value
+
+
 def training_examples(config: TrainConfig, ds: data_lib.SequenceDataset) -> Examples:
-    """SASRec: one sequence per user (inputs s[:-1], targets s[1:]); GRU4Rec: every prefix of
-    length >= 1 as input with its next item as target; MF-BPR: every (user, item) pair."""
+    """SASRec, STOSA: one sequence per user (inputs s[:-1], targets s[1:]); BERT4Rec: one
+    sequence per user (its last ``maxlen`` items, cloze-masked per batch); GRU4Rec: every
+    prefix of length >= 1 as input with its next item as target; MF-BPR: every (user, item)
+    pair."""
     items, offsets = ds.train_items, ds.train_offsets
     starts, ends = offsets[:-1], offsets[1:]
-    if config.model == "sasrec":
-        assert config.maxlen is not None, "unresolved config: call TrainConfig.resolved()"
-        inputs = left_padded(items, starts, ends - 1, config.maxlen)
-        targets = left_padded(items, starts + 1, ends, config.maxlen)
+    maxlen = required(config.maxlen, "maxlen") if config.model != "mfbpr" else 0
+    if config.model == "bert4rec":
+        inputs = left_padded(items, starts, ends, maxlen)
+        return Examples({"inputs": inputs}, np.arange(ds.num_users), "inputs",
+                        mask_prob=config.mask_prob, mask_id=ds.num_items + 1)
+    if config.model in ("sasrec", "stosa"):
+        inputs = left_padded(items, starts, ends - 1, maxlen)
+        targets = left_padded(items, starts + 1, ends, maxlen)
         return Examples({"inputs": inputs, "targets": targets}, np.arange(ds.num_users), "targets")
     if config.model == "gru4rec":
         assert config.maxlen is not None, "unresolved config: call TrainConfig.resolved()"
@@ -307,15 +435,22 @@ def training_examples(config: TrainConfig, ds: data_lib.SequenceDataset) -> Exam
 
 def eval_inputs(config: TrainConfig, ds: data_lib.SequenceDataset, split: str) -> np.ndarray:
     """Model inputs for ranking the ``split`` target: the training sequence (valid), or the
-    training sequence followed by the validation item (test); user ids for MF-BPR."""
+    training sequence followed by the validation item (test); user ids for MF-BPR. BERT4Rec's
+    inputs end with the mask token (``num_items + 1``) after the last ``maxlen - 1`` items."""
     if config.model == "mfbpr":
         return np.arange(ds.num_users, dtype=np.int32)
     assert config.maxlen is not None, "unresolved config: call TrainConfig.resolved()"
     items, offsets = ds.train_items, ds.train_offsets
+    width = config.maxlen - 1 if config.model == "bert4rec" else config.maxlen
     if split == "valid":
-        return left_padded(items, offsets[:-1], offsets[1:], config.maxlen)
-    head = left_padded(items, offsets[:-1], offsets[1:], config.maxlen - 1)
-    return np.concatenate([head, ds.valid[:, None].astype(np.int32)], axis=1)
+        seqs = left_padded(items, offsets[:-1], offsets[1:], width)
+    else:
+        head = left_padded(items, offsets[:-1], offsets[1:], width - 1)
+        seqs = np.concatenate([head, ds.valid[:, None].astype(np.int32)], axis=1)
+    if config.model == "bert4rec":
+        mask = np.full((seqs.shape[0], 1), ds.num_items + 1, np.int32)
+        seqs = np.concatenate([seqs, mask], axis=1)
+    return seqs
 
 
 # ---- model, graph, optimizer --------------------------------------------------------------------
@@ -330,8 +465,20 @@ def build_model(config: TrainConfig, ds: data_lib.SequenceDataset,
     if config.model == "sasrec":
         assert config.maxlen is not None and config.dropout is not None, (
             "unresolved config: call TrainConfig.resolved()")
-        return models.SASRec(num_items, config.maxlen, config.features, config.num_blocks,
-                             config.num_heads, config.dropout)
+        return models.SASRec(num_items, config.maxlen, config.features,
+                             required(config.num_blocks, "num_blocks"),
+                             required(config.num_heads, "num_heads"), config.dropout)
+    if config.model in ("bert4rec", "stosa"):
+        encoder = (required(config.maxlen, "maxlen"), config.features,
+                   required(config.num_blocks, "num_blocks"),
+                   required(config.num_heads, "num_heads"),
+                   required(config.dropout, "dropout"),
+                   required(config.attention_dropout, "attention_dropout"))
+        if config.model == "stosa":
+            return models.STOSA(num_items, *encoder)
+        # the mask token keeps its id; padding rows come after it
+        return models.BERT4Rec(ds.num_items, *encoder,
+                               table_rows=sharding_lib.pad_rows(ds.num_items + 2, row_multiple))
     if config.model == "gru4rec":
         assert config.dropout is not None, "unresolved config: call TrainConfig.resolved()"
         return models.GRU4Rec(num_items, config.features, config.dropout)
@@ -339,54 +486,72 @@ def build_model(config: TrainConfig, ds: data_lib.SequenceDataset,
 
 
 def build_graph(config: TrainConfig, ds: data_lib.SequenceDataset) -> sp.csr_matrix:
-    """The raw adjacency over the smoothed rows, from TRAINING data only (spec §1)."""
-    kind = config.graph
-    if kind == "auto":
-        kind = "user-item" if config.model == "mfbpr" else "cooccurrence"
-    if kind == "category":
-        if ds.item_categories is None:
-            raise ValueError(f"graph 'category' needs item categories, which {ds.name} lacks")
-        if config.model == "mfbpr":
-            raise ValueError("graph 'category' has item nodes only; mfbpr needs 'user-item'")
-        return graph_lib.category_graph(ds.item_categories)
+    """The raw adjacency over the smoothed rows (``smoothed_tables``, stacked in flatten
+    order), from TRAINING data only (spec §1).
+
+    Item graphs have the padding id 0 as an isolated node (BERT4Rec also its mask token
+    ``num_items + 1``). Two tables smoothed each on its own by the item graph ``A`` (BERT4Rec,
+    STOSA) get ``diag(A, A)``; MF-BPR's user-item graph has the users first."""
+    kind = graph_kind(config)
     if kind == "user-item":
         if config.model != "mfbpr":
             raise ValueError("graph 'user-item' needs a model with a user table (mfbpr), "
                              f"not {config.model}")
         users, items = ds.train_pairs()
         return graph_lib.user_item_graph(users, items - 1, ds.num_users, ds.num_items, num_pads=1)
-    return graph_lib.cooccurrence_graph(
-        [s - 1 for s in ds.train_sequences()], ds.num_items, H=config.H, maxlen=config.maxlen,
-        num_pads=1)
+    if kind == "category":
+        if ds.item_categories is None:
+            raise ValueError(f"graph 'category' needs item categories, which {ds.name} lacks")
+        graph = sp.csr_matrix(graph_lib.category_graph(ds.item_categories))
+    else:
+        graph = graph_lib.cooccurrence_graph(
+            [s - 1 for s in ds.train_sequences()], ds.num_items, H=config.H,
+            maxlen=config.maxlen, num_pads=1)
+    if config.model == "bert4rec":  # the mask token: one more isolated node
+        graph = sp.csr_matrix((graph.data, graph.indices, np.append(graph.indptr, graph.nnz)),
+                              shape=(graph.shape[0] + 1, graph.shape[1] + 1))
+    if len(smoothed_tables(config)) == 2 and config.model != "mfbpr":
+        graph = sp.block_diag([graph, graph], format="csr")
+    return graph
 
 
-def build_optimizer(config: TrainConfig, adjacency: Any,
-                    mesh: Mesh | None = None) -> optax.GradientTransformation:
-    """The six optimizers of the CLI; the ``sevo-*`` ones smooth the tables of ``sevo_mask``.
+def build_optimizer(config: TrainConfig, adjacency: Any, mesh: Mesh | None = None,
+                    steps_per_epoch: int | None = None) -> optax.GradientTransformation:
+    """The six optimizers of the CLI; the ``sevo-*`` ones smooth the tables of ``table_mask``.
+
+    ``config.lr_decay_factor != 1`` multiplies the learning rate by it every
+    ``lr_decay_every`` epochs (PyTorch ``StepLR``, as the reference BERT4Rec), which needs
+    ``steps_per_epoch``.
 
     With ``config.mesh`` the ``sevo-*`` ones run psi row-sharded over the mesh's axis (``mesh``
     defaults to ``sharding_lib.build_mesh(config.mesh)``); ``adjacency`` must then have one node
     per row of the PADDED tables (``MeshPlan.pad_adjacency``)."""
     c = config
-    sevo: dict[str, Any] = dict(beta=c.beta, num_layers=c.num_layers, mask=models.sevo_mask,
+    sevo: dict[str, Any] = dict(beta=c.beta, num_layers=c.num_layers, mask=table_mask(c),
                                 approx=c.approx)
     if c.mesh is not None and c.optimizer.startswith("sevo"):
         mesh = sharding_lib.build_mesh(c.mesh) if mesh is None else mesh
         sevo.update(mesh=mesh, axis_name=mesh.axis_names[0])
+    lr: Any = c.lr
+    if c.lr_decay_factor != 1.0:
+        if steps_per_epoch is None:
+            raise ValueError("lr_decay_factor != 1 needs steps_per_epoch (the decay is per epoch)")
+        lr = optax.exponential_decay(c.lr, c.lr_decay_every * steps_per_epoch,
+                                     c.lr_decay_factor, staircase=True)
     if c.optimizer == "adamw":
-        return optax.adamw(c.lr, c.b1, c.b2, c.eps, weight_decay=c.weight_decay)
+        return optax.adamw(lr, c.b1, c.b2, c.eps, weight_decay=c.weight_decay)
     if c.optimizer == "sevo-adamw":
-        return sevo_adamw(c.lr, adjacency, b1=c.b1, b2=c.b2, eps=c.eps,
+        return sevo_adamw(lr, adjacency, b1=c.b1, b2=c.b2, eps=c.eps,
                           weight_decay=c.weight_decay, **sevo)
     if c.optimizer == "adam":
         return optax.chain(optax.add_decayed_weights(c.weight_decay),
-                           optax.adam(c.lr, c.b1, c.b2, c.eps))
+                           optax.adam(lr, c.b1, c.b2, c.eps))
     if c.optimizer == "sevo-adam":
-        return sevo_adam(c.lr, adjacency, b1=c.b1, b2=c.b2, eps=c.eps,
+        return sevo_adam(lr, adjacency, b1=c.b1, b2=c.b2, eps=c.eps,
                          weight_decay=c.weight_decay, **sevo)
     if c.optimizer == "sgd":
-        return optax.chain(optax.add_decayed_weights(c.weight_decay), optax.sgd(c.lr, c.momentum))
-    return sevo_sgd(c.lr, adjacency, momentum=c.momentum, weight_decay=c.weight_decay, **sevo)
+        return optax.chain(optax.add_decayed_weights(c.weight_decay), optax.sgd(lr, c.momentum))
+    return sevo_sgd(lr, adjacency, momentum=c.momentum, weight_decay=c.weight_decay, **sevo)
 
 
 def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
@@ -402,13 +567,17 @@ def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
     model = build_model(config, ds)
     if adjacency is None and config.optimizer.startswith("sevo"):
         adjacency = build_graph(config, ds)
+    steps = None
+    if config.lr_decay_factor != 1.0:
+        steps = math.ceil(len(training_examples(config, ds))
+                          / required(config.batch_size, "batch_size"))
     init_input = (jnp.zeros((1,), jnp.int32) if config.model == "mfbpr"
                   else jnp.zeros((1, config.maxlen), jnp.int32))
     init_kwargs: dict[str, Any] = {} if config.model == "mfbpr" else {"deterministic": True}
     if plan is None:  # jit: same values as eager init, compiled in a third of the time
         params = jax.jit(lambda k: model.init(k, init_input, **init_kwargs)["params"])(
             jax.random.PRNGKey(config.seed))
-        optimizer = build_optimizer(config, adjacency)
+        optimizer = build_optimizer(config, adjacency, steps_per_epoch=steps)
         return model, optimizer, params, optimizer.init(params)
 
     def init_padded(key):  # under jit, so no table is ever whole on one device
@@ -421,7 +590,7 @@ def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
         adjacency = plan.pad_adjacency(adjacency, shapes)
     params = jax.jit(init_padded, out_shardings=plan.param_shardings(shapes))(key)
     model = build_model(config, ds, plan.size)
-    optimizer = build_optimizer(config, adjacency, plan.mesh)
+    optimizer = build_optimizer(config, adjacency, plan.mesh, steps)
     opt_state = optimizer.init(params)
     opt_state = plan.put(opt_state, plan.state_shardings(opt_state, params, optimizer))
     return model, optimizer, params, opt_state
@@ -431,10 +600,18 @@ def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
 
 
 def make_loss_fn(config: TrainConfig, model: nn.Module) -> Callable:
-    """``loss(params, batch, dropout_key)`` of spec §4 (BCE for SASRec, BPR otherwise)."""
+    """``loss(params, batch, dropout_key)``: BCE for SASRec (spec §4), cloze cross-entropy for
+    BERT4Rec, BPR plus the positive-vs-negative term for STOSA, BPR otherwise."""
 
     def loss_fn(params, batch, key):
         variables = {"params": params}
+        if config.model == "bert4rec":
+            hidden = model.apply(variables, batch["inputs"], deterministic=False,
+                                 rngs={"dropout": key})
+            hidden = cast(jax.Array, hidden)
+            masked = hidden.reshape(-1, hidden.shape[-1])[batch["cloze_index"]]
+            logits = cast(jax.Array, model.apply(variables, masked, method="score_all"))
+            return models.cloze_loss(logits, batch["cloze_labels"])
         items = jnp.stack([batch["targets"], batch["negatives"]], axis=-1)
         if config.model == "mfbpr":
             hidden = model.apply(variables, batch["users"])
@@ -445,6 +622,11 @@ def make_loss_fn(config: TrainConfig, model: nn.Module) -> Callable:
         mask = batch["targets"] != 0
         if config.model == "sasrec":
             return models.sasrec_loss(logits[..., 0], logits[..., 1], mask)
+        if config.model == "stosa":
+            pvn = cast(jax.Array, model.apply(variables, batch["targets"], batch["negatives"],
+                                              method="item_scores"))
+            return models.stosa_loss(logits[..., 0], logits[..., 1], pvn, mask,
+                                     required(config.pvn_weight, "pvn_weight"))
         return models.bpr_loss(logits[..., 0], logits[..., 1], mask)
 
     return loss_fn
@@ -484,7 +666,7 @@ def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None,
             user = model.apply(variables, inputs)
         else:
             user = cast(jax.Array, model.apply(variables, inputs, deterministic=True))
-            if config.model == "sasrec":
+            if config.model in SEQUENCE_MODELS:
                 user = user[:, -1]
         scores = cast(jax.Array, model.apply(variables, user, method="score_all"))
         exclude = jnp.zeros(scores.shape, bool).at[jnp.arange(seen.shape[0])[:, None],
@@ -751,7 +933,7 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
     adjacency = build_graph(config, ds) if config.optimizer.startswith("sevo") else None
     model, optimizer, params, opt_state = init_training(config, ds, plan, adjacency)
     examples = training_examples(config, ds)
-    if not (examples.arrays[examples.target_key] != 0).any():
+    if not examples.has_targets():
         raise data_lib.DataError(
             f"{config.data or ds.name}: no training example for {config.model}: no user has 2 "
             "training items (4 interactions: 2 to train on, a validation and a test item)")

@@ -58,6 +58,19 @@ def test_reproduce_paper_grid_resumes_and_summarises(tmp_path):
     assert partial.returncode == 0, partial.stderr[-3000:]
     assert "| sasrec | adamw | 1 |" in partial.stdout
     assert not (tmp_path / "sasrec-adamw-s1").exists()
+    # the item-item MF-BPR form of the grid: its own row and its exact command
+    item = run("--models", "mfbpr-item", "--optimizers", "sevo-adamw", "--seeds", "0",
+               "--epochs", "1")
+    assert item.returncode == 0, item.stderr[-3000:]
+    record = tmp_path / "mfbpr-item-sevo-adamw-s0" / "results.json"
+    config = json.loads(record.read_text())["config"]
+    assert (config["model"], config["graph"], config["beta"]) == ("mfbpr", "cooccurrence", 0.9)
+    both = run("--models", "sasrec", "mfbpr-item", "--seeds", "0", "--summary-only")
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert "| sasrec | adamw | 1 |" in both.stdout
+    assert "| mfbpr-item | sevo-adamw | 1 |" in both.stdout
+    assert ("sevo-train --model mfbpr --graph cooccurrence --optimizer sevo-adamw --seed 0"
+            in both.stdout)
     nothing = run("--summary-only", "--out", str(tmp_path / "missing"))
     assert nothing.returncode == 2 and "no finished runs" in nothing.stderr
     assert "Traceback" not in nothing.stderr

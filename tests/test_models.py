@@ -11,13 +11,19 @@ import pytest
 
 from sevo_jax.models import (
     MFBPR,
+    STOSA,
+    BERT4Rec,
     GRU4Rec,
     SASRec,
     bias_free_gru_step,
     bpr_loss,
+    cloze_loss,
     masked_gru,
     sasrec_loss,
     sevo_mask,
+    stosa_loss,
+    wasserstein_distance,
+    wasserstein_distance_matrix,
 )
 
 NUM_ITEMS, D = 30, 16
@@ -410,3 +416,141 @@ def test_mfbpr_trains_on_toy_task():
 
     losses = _fit(loss_fn, params, lr=5e-2)
     assert losses[-1] < 0.5 * losses[0]
+
+
+# ----------------------------------------------------------------------------------- BERT4Rec
+
+
+@pytest.fixture(scope="module")
+def bert4rec():
+    model = BERT4Rec(NUM_ITEMS, maxlen=8, features=D, num_blocks=2, num_heads=2, dropout=0.2)
+    return build(model, jnp.ones((2, 8), jnp.int32))
+
+
+def test_bert4rec_tables_have_a_mask_token_row(bert4rec):
+    model, params, _ = bert4rec
+    assert model.mask_id == NUM_ITEMS + 1
+    assert params["item_embedding"]["embedding"].shape == (NUM_ITEMS + 2, D)
+    assert params["output_embedding"]["embedding"].shape == (NUM_ITEMS + 2, D)
+    assert params["output_bias"].shape == (NUM_ITEMS + 2,)
+    selected = [p for p, m in zip(paths(params), jax.tree_util.tree_leaves(sevo_mask(params)),
+                                  strict=True) if m]
+    assert selected == ["item_embedding/embedding", "output_embedding/embedding"]
+    # the reference's init: Xavier normal clipped to +-0.02
+    table = np.asarray(params["item_embedding"]["embedding"])
+    assert np.abs(table).max() <= 0.02 and (np.abs(table) == 0.02).any()
+
+
+def test_bert4rec_is_bidirectional_and_ignores_padding(bert4rec):
+    _, params, forward = bert4rec
+    seqs = left_pad([[3, 4, 5, 6]], 8)
+    hidden = forward(params, seqs)
+    later_changed = forward(params, seqs.at[0, -1].set(9))
+    assert not np.allclose(hidden[0, 4], later_changed[0, 4], atol=1e-5)  # sees the future
+    # shorter input, same right-aligned positions: padding keys are masked
+    np.testing.assert_allclose(forward(params, seqs[:, 4:])[0], hidden[0, 4:], atol=1e-5)
+
+
+def test_bert4rec_logits_are_the_output_layer(bert4rec):
+    model, params, forward = bert4rec
+    params = dict(params, output_bias=jnp.arange(NUM_ITEMS + 2, dtype=jnp.float32) / 10)
+    hidden = forward(params, left_pad([[3, 4, model.mask_id]], 8))[:, -1]
+    logits = model.apply({"params": params}, hidden, method=BERT4Rec.score_all)
+    want = hidden @ params["output_embedding"]["embedding"].T + params["output_bias"]
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+    picked = model.apply({"params": params}, hidden, jnp.array([[2, 7]]), method=BERT4Rec.score)
+    np.testing.assert_allclose(picked, want[:, [2, 7]], rtol=1e-5, atol=1e-6)
+
+
+def test_bert4rec_padding_rows_of_a_mesh_get_no_probability():
+    model = BERT4Rec(5, maxlen=4, features=8, num_heads=2, table_rows=10)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32), deterministic=True)
+    assert params["params"]["output_bias"].shape == (7,)
+    logits = model.apply(params, jnp.ones((1, 8)), method=BERT4Rec.score_all)
+    assert logits.shape == (1, 10) and (logits[0, 7:] < -1e8).all()
+
+
+def test_cloze_loss_hand_computed():
+    logits = jnp.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [5.0, 1.0, 0.0]])
+    labels = jnp.array([1, 0, 2])  # the middle one is padding
+    want = ((math.log(3) - 0.0) + (math.log(math.exp(5) + math.exp(1) + 1) - 0.0)) / 2
+    assert float(cloze_loss(logits, labels)) == pytest.approx(want, rel=1e-6)
+    assert float(cloze_loss(logits, jnp.zeros(3, jnp.int32))) == 0.0
+
+
+# -------------------------------------------------------------------------------------- STOSA
+
+
+@pytest.fixture(scope="module")
+def stosa():
+    model = STOSA(NUM_ITEMS, maxlen=8, features=D, num_blocks=2, num_heads=2)
+    return build(model, jnp.ones((2, 8), jnp.int32))
+
+
+def test_wasserstein_distance_hand_computed():
+    m1, c1 = jnp.array([0.0, 0.0]), jnp.array([1.0, 4.0])
+    m2, c2 = jnp.array([3.0, 4.0]), jnp.array([4.0, 1.0])
+    # ||m1 - m2||^2 + ||sqrt(c1) - sqrt(c2)||^2 = 25 + 1 + 1
+    assert float(wasserstein_distance(m1, c1, m2, c2)) == pytest.approx(27.0)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 5, 4))
+    ca, cb = rng.uniform(0.1, 2, size=(2, 3, 4)), rng.uniform(0.1, 2, size=(2, 5, 4))
+    pairwise = wasserstein_distance(a[:, :, None], ca[:, :, None], b[:, None], cb[:, None])
+    np.testing.assert_allclose(wasserstein_distance_matrix(a, ca, b, cb), pairwise, rtol=1e-5)
+
+
+def test_stosa_loss_hand_computed():
+    pos, neg, pvn = jnp.array([[-1.0, -2.0, 0.0]]), jnp.array([[-3.0, -1.0, 0.0]]), \
+        jnp.array([[-0.5, -4.0, 9.0]])
+    mask = jnp.array([[True, True, False]])
+    bpr = (-log_sigmoid(2.0) - log_sigmoid(-1.0)) / 2
+    pvn_term = (0.5 + 0.0) / 2  # max(pvn - pos, 0): 0.5 and 0
+    got = float(stosa_loss(pos, neg, pvn, mask, 0.1))
+    assert got == pytest.approx(bpr + 0.1 * pvn_term, rel=1e-6)
+
+
+def test_stosa_means_skip_the_layers_as_in_the_reference(stosa):
+    model, params, forward = stosa
+    seqs = left_pad([[3, 4, 5]], 8)
+    mean, cov = np.split(np.asarray(forward(params, seqs)), 2, axis=-1)
+    # the reference's encoder never updates the means: M = ELU(LN(E_M[seq] + P_M))
+    x = params["mean_embedding"]["embedding"][seqs] + params["mean_position"]["embedding"]
+    ln = params["embedding_norm"]
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    want = jax.nn.elu((x - mu) / jnp.sqrt(var + 1e-12) * ln["scale"] + ln["bias"])
+    np.testing.assert_allclose(mean, want, rtol=1e-4, atol=1e-5)
+    assert (cov > 0).all()
+    updated = STOSA(NUM_ITEMS, maxlen=8, features=D, num_blocks=2, num_heads=2, update_means=True)
+    moved = updated.apply({"params": params}, seqs, deterministic=True)
+    assert not np.allclose(np.split(np.asarray(moved), 2, axis=-1)[0], mean, atol=1e-4)
+
+
+def test_stosa_is_causal(stosa):
+    _, params, forward = stosa
+    seqs = left_pad([[3, 4, 5, 6]], 8)
+    changed = forward(params, seqs.at[0, -1].set(9))
+    # the items' positions 4..6 (padding queries see no valid key and average every position,
+    # as in the reference; nothing reads them)
+    np.testing.assert_allclose(forward(params, seqs)[0, 4:7], changed[0, 4:7], atol=1e-5)
+
+
+def test_stosa_scores_are_negative_wasserstein_distances(stosa):
+    model, params, forward = stosa
+    hidden = forward(params, left_pad([[3, 4, 5]], 8))[:, -1]
+    scores = model.apply({"params": params}, hidden, method=STOSA.score_all)
+    mean, cov = np.split(np.asarray(hidden), 2, axis=-1)
+    item_mean = np.asarray(params["mean_embedding"]["embedding"])
+    item_cov = np.asarray(jax.nn.elu(params["covariance_embedding"]["embedding"]) + 1)
+    # the reference's recommend_from_full: -W(user, every item), elementwise
+    want = -(((mean - item_mean) ** 2).sum(-1) + ((np.sqrt(cov) - np.sqrt(item_cov)) ** 2).sum(-1))
+    np.testing.assert_allclose(scores[0], want, rtol=1e-4, atol=1e-4)
+    assert (np.argsort(-np.asarray(scores[0]))[:5] == np.argsort(-want)[:5]).all()
+    picked = model.apply({"params": params}, hidden, jnp.array([[2, 7]]), method=STOSA.score)
+    np.testing.assert_allclose(picked[0], want[[2, 7]], rtol=1e-4, atol=1e-4)
+
+
+def test_mfbpr_starts_like_the_reference():
+    params = MFBPR(num_users=50, num_items=400, features=D).init(
+        jax.random.key(0), jnp.array([0]))["params"]
+    for table in ("table_0_users", "table_1_items"):
+        assert np.std(params[table]["embedding"]) == pytest.approx(1e-4, rel=0.05)

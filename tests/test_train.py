@@ -60,7 +60,8 @@ BAD_VALUES = {
     "eps": 0.0, "momentum": 1.0, "beta": 1.0, "num_layers": -1, "approx": "exact", "H": 0,
     "maxlen": 0, "features": 2.5, "num_blocks": 0, "num_heads": 0, "dropout": 1.0, "seed": -1,
     "eval_every": 0, "patience": 0, "eval_batch_size": 0, "kcore": -1, "keep_duplicates": "yes",
-    "cache_dir": 3, "out": "", "progress": None, "mesh": 8,
+    "cache_dir": 3, "out": "", "progress": None, "mesh": 8, "attention_dropout": 1.0,
+    "mask_prob": -0.1, "pvn_weight": -1.0, "lr_decay_factor": 0.0, "lr_decay_every": 0,
 }
 
 
