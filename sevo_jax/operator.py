@@ -125,10 +125,25 @@ class GraphOperator(abc.ABC):
     num_nodes: int
     nnz: int
 
+    def __init__(self, host: Any, indices: Any, weights: Any, tag: Any):
+        self.host = host  # static: the host copy, compared and hashed by its fingerprint
+        self.indices = indices
+        self.weights = weights
+        self.tag = tag
+
+    # -- pytree: the three leaves; the host copy is the static data --------------------------
+    def tree_flatten_with_keys(self):
+        keys = [jax.tree_util.GetAttrKey(k) for k in ("indices", "weights", "tag")]
+        return tuple(zip(keys, (self.indices, self.weights, self.tag), strict=True)), self.host
+
+    @classmethod
+    def tree_unflatten(cls, host, children):
+        return cls(host, *children)
+
     @property
-    @abc.abstractmethod
     def fingerprint(self) -> str:
         """Host-side content hash of the operator (graph, and layout for sharded ones)."""
+        return self.host.fingerprint
 
     @abc.abstractmethod
     def matmul(self, y: jax.Array, impl: str | None = None) -> jax.Array:
@@ -310,20 +325,7 @@ class NormalizedGraph(GraphOperator):
       (False, True)
     """
 
-    def __init__(self, host: HostCOO, indices: Any, weights: Any, tag: Any):
-        self.host = host
-        self.indices = indices
-        self.weights = weights
-        self.tag = tag
-
-    # -- pytree --------------------------------------------------------------------------------
-    def tree_flatten_with_keys(self):
-        keys = [jax.tree_util.GetAttrKey(k) for k in ("indices", "weights", "tag")]
-        return tuple(zip(keys, (self.indices, self.weights, self.tag), strict=True)), self.host
-
-    @classmethod
-    def tree_unflatten(cls, host, children):
-        return cls(host, *children)
+    host: HostCOO
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -361,10 +363,6 @@ class NormalizedGraph(GraphOperator):
     @property
     def nnz(self) -> int:  # type: ignore[override]
         return int(self.host.weights.shape[0])
-
-    @property
-    def fingerprint(self) -> str:
-        return self.host.fingerprint
 
     def __repr__(self) -> str:
         return f"NormalizedGraph(num_nodes={self.num_nodes}, nnz={self.nnz})"

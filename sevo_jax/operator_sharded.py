@@ -179,19 +179,7 @@ class ShardedGraph(GraphOperator):
       [(1, 2), (3, 2)]
     """
 
-    def __init__(self, host: HostBlocks, indices: Any, weights: Any, tag: Any):
-        self.host = host
-        self.indices = indices
-        self.weights = weights
-        self.tag = tag
-
-    def tree_flatten_with_keys(self):
-        keys = [jax.tree_util.GetAttrKey(k) for k in ("indices", "weights", "tag")]
-        return tuple(zip(keys, (self.indices, self.weights, self.tag), strict=True)), self.host
-
-    @classmethod
-    def tree_unflatten(cls, host, children):
-        return cls(host, *children)
+    host: HostBlocks
 
     # -- layout --------------------------------------------------------------------------------
     @property
@@ -213,10 +201,6 @@ class ShardedGraph(GraphOperator):
     @property
     def nnz(self) -> int:  # type: ignore[override]
         return self.host.nnz
-
-    @property
-    def fingerprint(self) -> str:
-        return self.host.fingerprint
 
     @property
     def num_shards(self) -> int:
