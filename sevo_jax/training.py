@@ -422,10 +422,9 @@ def training_examples(config: TrainConfig, ds: data_lib.SequenceDataset) -> Exam
         targets = left_padded(items, starts + 1, ends, maxlen)
         return Examples({"inputs": inputs, "targets": targets}, np.arange(ds.num_users), "targets")
     if config.model == "gru4rec":
-        assert config.maxlen is not None, "unresolved config: call TrainConfig.resolved()"
         user_of = np.repeat(np.arange(ds.num_users), np.diff(offsets))
         k = np.flatnonzero(np.arange(items.size) > starts[user_of])
-        inputs = left_padded(items, starts[user_of[k]], k, config.maxlen)
+        inputs = left_padded(items, starts[user_of[k]], k, maxlen)
         return Examples({"inputs": inputs, "targets": items[k].astype(np.int32)}, user_of[k],
                         "targets")
     users, pair_items = ds.train_pairs()
@@ -439,9 +438,9 @@ def eval_inputs(config: TrainConfig, ds: data_lib.SequenceDataset, split: str) -
     inputs end with the mask token (``num_items + 1``) after the last ``maxlen - 1`` items."""
     if config.model == "mfbpr":
         return np.arange(ds.num_users, dtype=np.int32)
-    assert config.maxlen is not None, "unresolved config: call TrainConfig.resolved()"
+    maxlen = required(config.maxlen, "maxlen")
     items, offsets = ds.train_items, ds.train_offsets
-    width = config.maxlen - 1 if config.model == "bert4rec" else config.maxlen
+    width = maxlen - 1 if config.model == "bert4rec" else maxlen
     if split == "valid":
         seqs = left_padded(items, offsets[:-1], offsets[1:], width)
     else:
@@ -463,11 +462,10 @@ def build_model(config: TrainConfig, ds: data_lib.SequenceDataset,
     num_items = sharding_lib.pad_rows(ds.num_items + 1, row_multiple) - 1
     num_users = sharding_lib.pad_rows(ds.num_users, row_multiple)
     if config.model == "sasrec":
-        assert config.maxlen is not None and config.dropout is not None, (
-            "unresolved config: call TrainConfig.resolved()")
-        return models.SASRec(num_items, config.maxlen, config.features,
+        return models.SASRec(num_items, required(config.maxlen, "maxlen"), config.features,
                              required(config.num_blocks, "num_blocks"),
-                             required(config.num_heads, "num_heads"), config.dropout)
+                             required(config.num_heads, "num_heads"),
+                             required(config.dropout, "dropout"))
     if config.model in ("bert4rec", "stosa"):
         encoder = (required(config.maxlen, "maxlen"), config.features,
                    required(config.num_blocks, "num_blocks"),
@@ -480,8 +478,7 @@ def build_model(config: TrainConfig, ds: data_lib.SequenceDataset,
         return models.BERT4Rec(ds.num_items, *encoder,
                                table_rows=sharding_lib.pad_rows(ds.num_items + 2, row_multiple))
     if config.model == "gru4rec":
-        assert config.dropout is not None, "unresolved config: call TrainConfig.resolved()"
-        return models.GRU4Rec(num_items, config.features, config.dropout)
+        return models.GRU4Rec(num_items, config.features, required(config.dropout, "dropout"))
     return models.MFBPR(num_users, num_items, config.features)
 
 
@@ -917,8 +914,8 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
                    resume: bool, dataset: data_lib.SequenceDataset | None,
                    log: Callable[[str], None]) -> dict:
     """``fit`` once ``out`` is claimed."""
-    assert config.epochs is not None and config.batch_size is not None, (
-        "unresolved config: call TrainConfig.resolved()")
+    epochs = required(config.epochs, "epochs")
+    batch_size = required(config.batch_size, "batch_size")
     ds = dataset if dataset is not None else data_lib.load_dataset(
         config.format, config.data, cache_dir=config.cache_dir, kcore=config.kcore,
         keep_duplicates=config.keep_duplicates)
@@ -984,7 +981,7 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
     base_key = jax.random.PRNGKey(config.seed)
     bar = _progress_bar(config, progress.epoch)
     stopped = progress.stopped(config.patience)
-    for epoch in range(progress.epoch + 1, config.epochs + 1):
+    for epoch in range(progress.epoch + 1, epochs + 1):
         if stopped:
             break
         t0 = time.perf_counter()
@@ -993,7 +990,7 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
         if plan is not None:
             epoch_key = plan.put(epoch_key, plan.replicated)
         losses = []
-        for step, batch in enumerate(examples.epoch_batches(sampler, config.batch_size, rng)):
+        for step, batch in enumerate(examples.epoch_batches(sampler, batch_size, rng)):
             if plan is not None:
                 batch = plan.put(batch, plan.batch)
             params, opt_state, loss = train_step(params, opt_state, batch,
@@ -1005,7 +1002,7 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
             raise FloatingPointError(f"training loss became {record['loss']} at epoch {epoch}; "
                                      "lower --lr or check the data")
         progress.epoch = epoch
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
+        if epoch % config.eval_every == 0 or epoch == epochs:
             valid = evaluate(config, scorer, params, ds, "valid", plan)
             record["valid"] = valid
             if valid["NDCG@10"] > progress.best_score:
