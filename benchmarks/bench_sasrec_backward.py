@@ -54,6 +54,7 @@ def main(argv=None) -> None:
         """``nn.Dropout`` fed the key ``models.Dropout`` would draw (same module path)."""
 
         rate: float
+        mask_bits: int = 32  # models.Dropout's signature; flax's masks are the 32-bit ones
 
         @nn.compact
         def __call__(self, x, deterministic):
@@ -76,7 +77,9 @@ def main(argv=None) -> None:
     negatives = rng.integers(1, num_items + 1, (batch, length)).astype(np.int32)
     inputs, targets = jnp.asarray(seqs), jnp.asarray(targets)
     items = jnp.stack([targets, jnp.asarray(negatives)], -1)
-    model = models.SASRec(num_items, maxlen=length, features=16 if args.smoke else 64)
+    # 32-bit masks: flax's, so that every variant draws the same (16-bit: bench_dropout_bits)
+    model = models.SASRec(num_items, maxlen=length, features=16 if args.smoke else 64,
+                          dropout_bits=32)
     params = model.init(jax.random.key(0), inputs[:2], deterministic=True)["params"]
     key = jax.random.key(1)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -92,27 +93,73 @@ def _scale_by_bwd(scale, g):
 _scale_by.defvjp(_scale_by_fwd, _scale_by_bwd)
 
 
+def dropout_keep(key: jax.Array, keep_prob: float, shape: tuple[int, ...], bits: int = 32
+                 ) -> jax.Array:
+    """Boolean keep mask, each entry True with probability ``keep_prob``.
+
+    ``bits = 32``: ``jax.random.bernoulli(key, keep_prob, shape)``, the masks of Flax's
+    dropout. ``bits = 16``: two uniform 16-bit integers per 32-bit random word, kept when
+    below ``round(keep_prob * 2^16)``, so the keep probability is exact to 2^-17 and half as
+    many random words are drawn (4x less time on XLA:CPU, BENCHMARKS.md); different masks
+    from the same key.
+    """
+    if bits == 32:
+        return jax.random.bernoulli(key, keep_prob, shape)
+    if bits != 16:
+        raise ValueError(f"dropout mask bits must be 16 or 32, got {bits}")
+    size = math.prod(shape)
+    words = jax.random.bits(key, (-(-size // 2),), jnp.uint32)
+    halves = jnp.concatenate([words >> 16, words & 0xFFFF])[:size]
+    return (halves < jnp.uint32(round(keep_prob * 65536))).reshape(shape)
+
+
 class Dropout(nn.Module):
-    """``flax.linen.Dropout`` (same masks from the same keys) whose backward pass reuses the
-    forward's ``keep / (1 - rate)`` factors.
+    """``flax.linen.Dropout`` whose backward pass reuses the forward's ``keep / (1 - rate)``
+    factors; ``mask_bits = 32`` draws the same masks from the same keys, 16 draws them faster
+    (:func:`dropout_keep`).
 
     With ``nn.Dropout`` XLA:CPU recomputes each mask from its random bits inside the backward
     fusions; keeping the factors is 7% of SASRec's training step (BENCHMARKS.md). The class is
     named ``Dropout`` so that Flax names its instances ``Dropout_0``, ... as before, which keeps
-    their rng streams (``make_rng`` folds in the module path) and so the masks unchanged.
+    their rng streams (``make_rng`` folds in the module path).
     """
 
     rate: float
+    mask_bits: int = 32
 
     @nn.compact
     def __call__(self, inputs: jax.Array, deterministic: bool) -> jax.Array:
         if self.rate == 0.0 or deterministic:
             return inputs
-        keep_prob = 1.0 - self.rate
-        keep = jax.random.bernoulli(self.make_rng("dropout"), p=keep_prob, shape=inputs.shape)
-        scale = jnp.where(keep, jnp.asarray(1.0 / keep_prob, inputs.dtype),
-                          jnp.zeros((), inputs.dtype))
-        return _scale_by(inputs, scale)
+        return _dropout(inputs, self.make_rng("dropout"), self.rate, self.mask_bits)
+
+
+def _dropout(x: jax.Array, key: jax.Array, rate: float, mask_bits: int = 32) -> jax.Array:
+    """``x * keep / (1 - rate)`` with ``keep = dropout_keep(key, 1 - rate, x.shape,
+    mask_bits)``; the backward pass multiplies by the stored factors."""
+    keep_prob = 1.0 - rate
+    keep = dropout_keep(key, keep_prob, x.shape, mask_bits)
+    scale = jnp.where(keep, jnp.asarray(1.0 / keep_prob, x.dtype), jnp.zeros((), x.dtype))
+    return _scale_by(x, scale)
+
+
+def attention_with_dropout(mask_bits: int) -> Callable[..., jax.Array]:
+    """An ``attention_fn`` for ``nn.MultiHeadDotProductAttention``: Flax's
+    ``dot_product_attention`` (same weights, same rng) with the attention-weight dropout of
+    dropout with stored factors (per example and head: ``broadcast_dropout=False`` only)."""
+
+    def attention(query, key, value, mask=None, dropout_rng=None, dropout_rate=0.0,
+                  broadcast_dropout=False, deterministic=False, dtype=None, precision=None):
+        if broadcast_dropout and dropout_rate > 0.0 and not deterministic:
+            raise ValueError("attention_with_dropout draws per-example masks: "
+                             "set broadcast_dropout=False")
+        weights = nn.dot_product_attention_weights(query, key, mask=mask, deterministic=True,
+                                                   dtype=dtype, precision=precision)
+        if not deterministic and dropout_rate > 0.0:
+            weights = _dropout(weights, dropout_rng, dropout_rate, mask_bits)
+        return jnp.einsum("...hqk,...khd->...qhd", weights, value, precision=precision)
+
+    return attention
 
 
 @jax.custom_vjp
@@ -203,6 +250,7 @@ class SASRecBlock(nn.Module):
     features: int
     num_heads: int
     dropout: float
+    dropout_bits: int = 32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -215,13 +263,14 @@ class SASRecBlock(nn.Module):
             broadcast_dropout=False,  # independent masks per example and head, as in PyTorch
             qkv_dot_general=_dense_dot_general,
             out_dot_general=_dense_dot_general,
+            attention_fn=attention_with_dropout(self.dropout_bits),
             name="attention",
         )(q, x, x, mask=mask, deterministic=deterministic)
         x = LayerNorm(epsilon=1e-8, name="ffn_norm")(x + attn)
         y = nn.Dense(self.features, dot_general=_dense_dot_general, name="ffn_in")(x)
-        y = Dropout(self.dropout)(y, deterministic=deterministic)
+        y = Dropout(self.dropout, self.dropout_bits)(y, deterministic=deterministic)
         y = nn.Dense(self.features, dot_general=_dense_dot_general, name="ffn_out")(nn.relu(y))
-        y = Dropout(self.dropout)(y, deterministic=deterministic)
+        y = Dropout(self.dropout, self.dropout_bits)(y, deterministic=deterministic)
         return x + y
 
 
@@ -251,6 +300,7 @@ class SASRec(nn.Module):
     num_heads: int = 1
     dropout: float = 0.3
     mask_padding_keys: bool = True
+    dropout_bits: int = 32
 
     def setup(self) -> None:
         self.item_embedding = nn.Embed(
@@ -259,9 +309,9 @@ class SASRec(nn.Module):
         self.position_embedding = nn.Embed(
             self.maxlen, self.features, embedding_init=_xavier_normal
         )
-        self.embedding_dropout = Dropout(self.dropout)
+        self.embedding_dropout = Dropout(self.dropout, self.dropout_bits)
         self.blocks = [
-            SASRecBlock(self.features, self.num_heads, self.dropout)
+            SASRecBlock(self.features, self.num_heads, self.dropout, self.dropout_bits)
             for _ in range(self.num_blocks)
         ]
         self.final_norm = LayerNorm(epsilon=1e-8)
@@ -608,6 +658,7 @@ class BERT4RecBlock(nn.Module):
     num_heads: int
     dropout: float
     attention_dropout: float
+    dropout_bits: int = 16
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -619,15 +670,21 @@ class BERT4RecBlock(nn.Module):
             broadcast_dropout=False,
             kernel_init=_torch_in_projection,
             out_kernel_init=clamped_xavier_normal,
+            qkv_dot_general=_dense_dot_general,
+            out_dot_general=_dense_dot_general,
+            attention_fn=attention_with_dropout(self.dropout_bits),
             name="attention",
         )(x, x, x, mask=mask, deterministic=deterministic)
-        attn = nn.Dropout(self.dropout)(attn, deterministic=deterministic)
-        x = nn.LayerNorm(epsilon=1e-5, name="attention_norm")(x + attn)
-        y = nn.Dense(4 * self.features, kernel_init=clamped_xavier_normal, name="ffn_in")(x)
-        y = nn.Dropout(self.dropout)(nn.gelu(y, approximate=False), deterministic=deterministic)
-        y = nn.Dense(self.features, kernel_init=clamped_xavier_normal, name="ffn_out")(y)
-        y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=1e-5, name="ffn_norm")(x + y)
+        attn = Dropout(self.dropout, self.dropout_bits)(attn, deterministic=deterministic)
+        x = LayerNorm(epsilon=1e-5, name="attention_norm")(x + attn)
+        y = nn.Dense(4 * self.features, kernel_init=clamped_xavier_normal,
+                     dot_general=_dense_dot_general, name="ffn_in")(x)
+        y = nn.gelu(y, approximate=False)
+        y = Dropout(self.dropout, self.dropout_bits)(y, deterministic=deterministic)
+        y = nn.Dense(self.features, kernel_init=clamped_xavier_normal,
+                     dot_general=_dense_dot_general, name="ffn_out")(y)
+        y = Dropout(self.dropout, self.dropout_bits)(y, deterministic=deterministic)
+        return LayerNorm(epsilon=1e-5, name="ffn_norm")(x + y)
 
 
 class BERT4Rec(nn.Module):
@@ -660,6 +717,7 @@ class BERT4Rec(nn.Module):
     dropout: float = 0.2
     attention_dropout: float | None = None  # None: ``dropout`` (PyTorch uses one rate)
     table_rows: int | None = None  # None: num_items + 2
+    dropout_bits: int = 16
 
     @property
     def mask_id(self) -> int:
@@ -672,11 +730,11 @@ class BERT4Rec(nn.Module):
         self.item_embedding = nn.Embed(rows, self.features, embedding_init=clamped_xavier_normal)
         self.position_embedding = nn.Embed(self.maxlen, self.features,
                                            embedding_init=clamped_xavier_normal)
-        self.embedding_norm = nn.LayerNorm(epsilon=1e-5)
-        self.embedding_dropout = nn.Dropout(self.dropout)
+        self.embedding_norm = LayerNorm(epsilon=1e-5)
+        self.embedding_dropout = Dropout(self.dropout, self.dropout_bits)
         attention = self.dropout if self.attention_dropout is None else self.attention_dropout
-        self.blocks = [BERT4RecBlock(self.features, self.num_heads, self.dropout, attention)
-                       for _ in range(self.num_blocks)]
+        self.blocks = [BERT4RecBlock(self.features, self.num_heads, self.dropout, attention,
+                                     self.dropout_bits) for _ in range(self.num_blocks)]
         self.output_embedding = nn.Embed(rows, self.features, embedding_init=clamped_xavier_normal)
         self.output_bias = self.param("output_bias", nn.initializers.zeros, (self.num_items + 2,))
 
@@ -728,6 +786,10 @@ def _stosa_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
     return 0.01 + 0.02 * jax.random.normal(key, shape, dtype)
 
 
+def _stosa_dense(features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, kernel_init=_stosa_init, dot_general=_dense_dot_general, name=name)
+
+
 def _root(cov: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.maximum(cov, 1e-24))
 
@@ -761,13 +823,14 @@ class _DistFeedForward(nn.Module):
 
     features: int
     dropout: float
+    dropout_bits: int = 16
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        y = nn.elu(nn.Dense(4 * self.features, kernel_init=_stosa_init, name="dense_in")(x))
-        y = nn.Dense(self.features, kernel_init=_stosa_init, name="dense_out")(y)
-        y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=1e-12, name="norm")(x + y)
+        y = nn.elu(_stosa_dense(4 * self.features, "dense_in")(x))
+        y = _stosa_dense(self.features, "dense_out")(y)
+        y = Dropout(self.dropout, self.dropout_bits)(y, deterministic=deterministic)
+        return LayerNorm(epsilon=1e-12, name="norm")(x + y)
 
 
 class STOSALayer(nn.Module):
@@ -784,6 +847,7 @@ class STOSALayer(nn.Module):
     num_heads: int
     dropout: float
     attention_dropout: float
+    dropout_bits: int = 16
 
     @nn.compact
     def __call__(self, mean: jax.Array, cov: jax.Array, mask_bias: jax.Array, *,
@@ -794,7 +858,7 @@ class STOSALayer(nn.Module):
         head = self.features // self.num_heads
 
         def project(name, x, positive=False):
-            y = nn.Dense(self.features, kernel_init=_stosa_init, name=name)(x)
+            y = _stosa_dense(self.features, name)(x)
             y = nn.elu(y) + 1 if positive else y
             return jnp.swapaxes(y.reshape(y.shape[:-1] + (self.num_heads, head)), -2, -3)
 
@@ -805,19 +869,20 @@ class STOSALayer(nn.Module):
         q, k, v = (project(f"mean_{n}", mean) for n in ("query", "key", "value"))
         sq, sk, sv = (project(f"cov_{n}", cov, True) for n in ("query", "key", "value"))
         logits = -wasserstein_distance_matrix(q, sq, k, sk) / math.sqrt(head) + mask_bias
-        probs = nn.Dropout(self.attention_dropout)(jax.nn.softmax(logits, -1),
-                                                   deterministic=deterministic)
-        norm = nn.LayerNorm(epsilon=1e-12, name="attention_norm")
+        probs = Dropout(self.attention_dropout, self.dropout_bits)(
+            jax.nn.softmax(logits, -1), deterministic=deterministic)
+        norm = LayerNorm(epsilon=1e-12, name="attention_norm")
 
         def out(name, context, x):
-            y = nn.Dense(self.features, kernel_init=_stosa_init, name=name)(merge(context))
-            return norm(x + nn.Dropout(self.dropout)(y, deterministic=deterministic))
+            y = _stosa_dense(self.features, name)(merge(context))
+            y = Dropout(self.dropout, self.dropout_bits)(y, deterministic=deterministic)
+            return norm(x + y)
 
         mean = out("mean_out", probs @ v, mean)
         cov = out("cov_out", (probs * probs) @ sv, cov)
-        mean = _DistFeedForward(self.features, self.dropout, name="mean_ffn")(
+        mean = _DistFeedForward(self.features, self.dropout, self.dropout_bits, name="mean_ffn")(
             mean, deterministic=deterministic)
-        cov = _DistFeedForward(self.features, self.dropout, name="cov_ffn")(
+        cov = _DistFeedForward(self.features, self.dropout, self.dropout_bits, name="cov_ffn")(
             cov, deterministic=deterministic)
         return mean, nn.elu(cov) + 1
 
@@ -856,6 +921,7 @@ class STOSA(nn.Module):
     dropout: float = 0.2
     attention_dropout: float = 0.5
     update_means: bool = False
+    dropout_bits: int = 16
 
     def setup(self) -> None:
         rows = self.num_items + 1
@@ -863,10 +929,11 @@ class STOSA(nn.Module):
         self.covariance_embedding = nn.Embed(rows, self.features, embedding_init=_stosa_init)
         self.mean_position = nn.Embed(self.maxlen, self.features, embedding_init=_stosa_init)
         self.covariance_position = nn.Embed(self.maxlen, self.features, embedding_init=_stosa_init)
-        self.embedding_norm = nn.LayerNorm(epsilon=1e-12)
-        self.embedding_dropout = nn.Dropout(self.dropout)
+        self.embedding_norm = LayerNorm(epsilon=1e-12)
+        self.embedding_dropout = Dropout(self.dropout, self.dropout_bits)
         self.layers = [STOSALayer(self.features, self.num_heads, self.dropout,
-                                  self.attention_dropout) for _ in range(self.num_blocks)]
+                                  self.attention_dropout, self.dropout_bits)
+                       for _ in range(self.num_blocks)]
 
     def __call__(self, seqs: jax.Array, *, deterministic: bool) -> jax.Array:
         """``concat([means, covariances], -1)`` of every position, ``(B, T, 2d)``."""

@@ -94,6 +94,10 @@ def build_parser() -> _Parser:
     a("--attention-dropout", type=float, default=None,
       help="dropout on attention weights of bert4rec and stosa; "
            + model_default("attention_dropout"))
+    a("--dropout-bits", type=int, choices=(16, 32), default=None,
+      help="random bits per dropout decision of sasrec, bert4rec and stosa: 16 (default: "
+           "masks drawn 4x faster) or 32 (flax nn.Dropout's masks; RESULTS.md's SASRec runs "
+           "before 2026-12-05)")
     a("--mask-prob", type=float, default=None,
       help="bert4rec's cloze masking probability; " + model_default("mask_prob"))
     a("--pvn-weight", type=float, default=None,

@@ -82,6 +82,7 @@ class TrainConfig:
     num_heads: int | None = None
     dropout: float | None = None
     attention_dropout: float | None = None  # BERT4Rec, STOSA (SASRec's attention uses dropout)
+    dropout_bits: int | None = None  # SASRec, BERT4Rec, STOSA: random bits per dropout decision
     mask_prob: float | None = None  # BERT4Rec's cloze masking probability
     pvn_weight: float | None = None  # STOSA's positive-vs-negative term
     lr_decay_factor: float = 1.0  # lr *= factor every lr_decay_every epochs (BERT4Rec's StepLR)
@@ -154,18 +155,20 @@ MODEL_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
     "sasrec": {"epochs": (200, 200), "batch_size": (512, 128), "maxlen": (50, 200),
                "dropout": (0.3, 0.1), "lr": (1e-3, 1e-3), "weight_decay": (0.1, 0.1),
                "b2": (0.98, 0.98), "beta": (0.99, 0.99), "num_blocks": (2, 2),
-               "num_heads": (1, 1)},
+               "num_heads": (1, 1), "dropout_bits": (16, 16)},
     "gru4rec": {"epochs": (300, 300), "batch_size": (512, 512), "maxlen": (50, 200),
                 "dropout": (0.4, 0.4), "lr": (1e-3, 1e-3), "weight_decay": (0.1, 0.1),
                 "b2": (0.98, 0.98), "beta": (0.99, 0.99)},
     "bert4rec": {"epochs": (500, 500), "batch_size": (256, 256), "maxlen": (50, 200),
                  "dropout": (0.2, 0.1), "attention_dropout": (0.2, 0.1), "lr": (5e-4, 1e-3),
                  "weight_decay": (0.1, 0.1), "b2": (0.95, 0.999), "beta": (0.99, 0.99),
-                 "num_blocks": (2, 2), "num_heads": (4, 4), "mask_prob": (0.5, 0.2)},
+                 "num_blocks": (2, 2), "num_heads": (4, 4), "mask_prob": (0.5, 0.2),
+                 "dropout_bits": (16, 16)},
     "stosa": {"epochs": (500, 500), "batch_size": (256, 256), "maxlen": (100, 200),
               "dropout": (0.2, 0.1), "attention_dropout": (0.5, 0.2), "lr": (1e-3, 5e-3),
               "weight_decay": (0.1, 0.1), "b2": (0.999, 0.999), "beta": (0.99, 0.99),
-              "num_blocks": (1, 1), "num_heads": (4, 4), "pvn_weight": (0.005, 0.001)},
+              "num_blocks": (1, 1), "num_heads": (4, 4), "pvn_weight": (0.005, 0.001),
+              "dropout_bits": (16, 16)},
     "mfbpr": {"epochs": (1000, 1000), "batch_size": (2048, 2048), "maxlen": (50, 50),
               "dropout": (0.0, 0.0), "lr": (1e-3, 1e-3), "weight_decay": (0.1, 0.1),
               "b2": (0.98, 0.98), "beta": (0.99, 0.99)},
@@ -246,6 +249,7 @@ _FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "features": _integer(1), "num_blocks": _integer(1, optional=True),
     "num_heads": _integer(1, optional=True), "dropout": _number(0, 1, optional=True),
     "attention_dropout": _number(0, 1, optional=True),
+    "dropout_bits": lambda v: None if v in (None, 16, 32) else "must be 16 or 32",
     "mask_prob": _number(0, 1, low_open=True, optional=True),
     "pvn_weight": _number(0, optional=True), "lr_decay_factor": _number(0, low_open=True),
     "lr_decay_every": _integer(1), "seed": _integer(0), "eval_every": _integer(1),
@@ -465,18 +469,21 @@ def build_model(config: TrainConfig, ds: data_lib.SequenceDataset,
         return models.SASRec(num_items, required(config.maxlen, "maxlen"), config.features,
                              required(config.num_blocks, "num_blocks"),
                              required(config.num_heads, "num_heads"),
-                             required(config.dropout, "dropout"))
+                             required(config.dropout, "dropout"),
+                             dropout_bits=required(config.dropout_bits, "dropout_bits"))
     if config.model in ("bert4rec", "stosa"):
         encoder = (required(config.maxlen, "maxlen"), config.features,
                    required(config.num_blocks, "num_blocks"),
                    required(config.num_heads, "num_heads"),
                    required(config.dropout, "dropout"),
                    required(config.attention_dropout, "attention_dropout"))
+        bits = required(config.dropout_bits, "dropout_bits")
         if config.model == "stosa":
-            return models.STOSA(num_items, *encoder)
+            return models.STOSA(num_items, *encoder, dropout_bits=bits)
         # the mask token keeps its id; padding rows come after it
         return models.BERT4Rec(ds.num_items, *encoder,
-                               table_rows=sharding_lib.pad_rows(ds.num_items + 2, row_multiple))
+                               table_rows=sharding_lib.pad_rows(ds.num_items + 2, row_multiple),
+                               dropout_bits=bits)
     if config.model == "gru4rec":
         return models.GRU4Rec(num_items, config.features, required(config.dropout, "dropout"))
     return models.MFBPR(num_users, num_items, config.features)
@@ -760,11 +767,15 @@ def resume_conflicts(saved_config: dict, new_config: dict,
 
     Both are ``dataclasses.asdict(TrainConfig)`` dicts, optionally with ``DATA_FINGERPRINT``
     (``SequenceDataset.fingerprint()``). Returns one short phrase per conflict (empty: it may
-    resume). A field missing from an older checkpoint counts as its ``TrainConfig`` default.
+    resume). A field missing from an older checkpoint counts as the value the code that wrote
+    it used: ``dropout_bits`` 32 for SASRec, BERT4Rec and STOSA, else the ``TrainConfig``
+    default.
     Fields in ``RESUME_HARMLESS`` may differ, except ``epochs`` below ``epochs_done`` (the
     recorded config would then disagree with the epochs run) and a changed data content.
     """
     defaults = dataclasses.asdict(TrainConfig())
+    if saved_config.get("model") in SEQUENCE_MODELS:  # written before 16-bit dropout masks
+        defaults["dropout_bits"] = 32
     saved = defaults | saved_config
     conflicts = [f"{k} is {saved.get(k)!r} in the checkpoint, {new_config.get(k)!r} now"
                  for k in sorted(saved.keys() | new_config.keys())

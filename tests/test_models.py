@@ -5,6 +5,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import optax
 import pytest
@@ -14,10 +15,13 @@ from sevo_jax.models import (
     STOSA,
     BERT4Rec,
     GRU4Rec,
+    Dropout,
     SASRec,
+    attention_with_dropout,
     bias_free_gru_step,
     bpr_loss,
     cloze_loss,
+    dropout_keep,
     masked_gru,
     sasrec_loss,
     sevo_mask,
@@ -139,6 +143,54 @@ def test_sasrec_dropout_only_in_training(sasrec):
     )
     assert not np.allclose(train(jax.random.key(0)), forward(params, seqs))
     assert not np.allclose(train(jax.random.key(0)), train(jax.random.key(1)))
+
+
+def test_dropout_keep_32_bits_is_bernoulli_and_16_bits_splits_each_word():
+    key = jax.random.key(3)
+    shape = (7, 9)  # odd size: the last word's second half is unused
+    np.testing.assert_array_equal(dropout_keep(key, 0.7, shape, 32),
+                                  jax.random.bernoulli(key, 0.7, shape))
+    words = np.asarray(jax.random.bits(key, (32,), jnp.uint32))
+    halves = np.concatenate([words >> 16, words & 0xFFFF])[:63]
+    expected = (halves < round(0.7 * 65536)).reshape(shape)
+    np.testing.assert_array_equal(dropout_keep(key, 0.7, shape, 16), expected)
+    big = dropout_keep(jax.random.key(4), 0.8, (200_000,), 16)
+    assert abs(float(big.mean()) - 0.8) < 4 * math.sqrt(0.8 * 0.2 / 200_000)
+    with pytest.raises(ValueError, match="must be 16 or 32, got 8"):
+        dropout_keep(key, 0.7, shape, 8)
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_dropout_module_matches_flax_dropout_with_its_masks(bits):
+    x = jnp.arange(1.0, 41.0).reshape(5, 8)
+    rngs = {"dropout": jax.random.key(5)}
+    ours = Dropout(0.3, bits).apply({}, x, False, rngs=rngs)
+    if bits == 32:  # flax's own masks from the same rng stream
+        np.testing.assert_allclose(ours, nn.Dropout(0.3).apply({}, x, False, rngs=rngs))
+    kept = np.asarray(ours) != 0
+    assert 0 < kept.sum() < kept.size
+    np.testing.assert_allclose(ours, np.where(kept, x / 0.7, 0.0), rtol=1e-6)
+    grad = jax.grad(lambda v: Dropout(0.3, bits).apply({}, v, False, rngs=rngs).sum())(x)
+    np.testing.assert_allclose(grad, np.where(kept, 1 / 0.7, 0.0), rtol=1e-6)
+
+
+def test_attention_with_dropout_32_bits_is_flax_attention():
+    x = jax.random.normal(jax.random.key(0), (3, 6, 8))
+    mask = nn.make_causal_mask(jnp.ones((3, 6)))
+    make = functools.partial(nn.MultiHeadDotProductAttention, num_heads=2, dropout_rate=0.4,
+                             broadcast_dropout=False)
+    params = make().init(jax.random.key(1), x, x, x, mask=mask, deterministic=True)
+    rngs = {"dropout": jax.random.key(2)}
+    flax_out = make().apply(params, x, x, x, mask=mask, deterministic=False, rngs=rngs)
+    ours = make(attention_fn=attention_with_dropout(32)).apply(
+        params, x, x, x, mask=mask, deterministic=False, rngs=rngs)
+    np.testing.assert_allclose(ours, flax_out, rtol=1e-6, atol=1e-6)
+    fast = make(attention_fn=attention_with_dropout(16)).apply(
+        params, x, x, x, mask=mask, deterministic=False, rngs=rngs)
+    assert not np.allclose(fast, flax_out)
+    with pytest.raises(ValueError, match="broadcast_dropout=False"):
+        make(attention_fn=attention_with_dropout(16), broadcast_dropout=True).apply(
+            params, x, x, x, mask=mask, deterministic=False, rngs=rngs)
 
 
 # ----------------------------------------------------------------------------------- GRU4Rec

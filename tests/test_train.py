@@ -62,6 +62,7 @@ BAD_VALUES = {
     "eval_every": 0, "patience": 0, "eval_batch_size": 0, "kcore": -1, "keep_duplicates": "yes",
     "cache_dir": 3, "out": "", "progress": None, "mesh": 8, "attention_dropout": 1.0,
     "mask_prob": -0.1, "pvn_weight": -1.0, "lr_decay_factor": 0.0, "lr_decay_every": 0,
+    "dropout_bits": 8,
 }
 
 
@@ -269,6 +270,19 @@ def test_resume_conflicts():
     older = {k: v for k, v in saved.items() if k not in ("keep_duplicates", "data_fingerprint")}
     assert training.resume_conflicts(older, dict(saved, data="a/./log.csv")) == []
     assert training.resume_conflicts(older, dict(saved, data="b/log.csv")) != []
+
+
+def test_resume_of_a_checkpoint_from_before_dropout_bits_keeps_its_32_bit_masks():
+    new = dataclasses.asdict(training.TrainConfig(model="sasrec").resolved())
+    assert new["dropout_bits"] == 16
+    older = {k: v for k, v in new.items() if k != "dropout_bits"}
+    (why,) = training.resume_conflicts(older, new)
+    assert why == "dropout_bits is 32 in the checkpoint, 16 now"
+    assert training.resume_conflicts(older, dict(new, dropout_bits=32)) == []
+    mfbpr = dataclasses.asdict(training.TrainConfig(model="mfbpr").resolved())
+    assert mfbpr["dropout_bits"] is None  # no dropout: the field stays unused
+    assert training.resume_conflicts({k: v for k, v in mfbpr.items() if k != "dropout_bits"},
+                                     mfbpr) == []
 
 
 # ---- item 8: errors name their subject ---------------------------------------------------------

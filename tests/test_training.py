@@ -103,8 +103,10 @@ def test_train_step_equals_the_oracle_step(small_ds, model, optimizer):
 
 @pytest.mark.parametrize("model", ["sasrec", "gru4rec", "mfbpr"])
 def test_every_model_fits_and_its_loss_falls(tmp_path, small_ds, model):
+    # at lr 3e-3 SASRec's epoch losses here move less than its dropout noise (either masks)
+    lr = 1e-2 if model == "sasrec" else 3e-3
     cfg = training.TrainConfig(model=model, optimizer="sevo-adamw", epochs=3, eval_every=3,
-                               lr=3e-3, out=str(tmp_path), **SMALL)
+                               lr=lr, out=str(tmp_path), **SMALL)
     results = training.fit(cfg, dataset=small_ds, log=lambda s: None)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert losses[2] < losses[1] < losses[0], losses
