@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         cfg = training.TrainConfig(model=name, optimizer="adamw", progress=False,
                                    **source).resolved()
         model, _, params, _ = training.init_training(cfg, ds)
-        variants = {"bits 32": model.clone(dropout_bits=32), "bits 16": model.clone(dropout_bits=16)}
+        variants = {f"bits {b}": model.clone(dropout_bits=b) for b in (32, 16)}
         if before is not None:
             cls = getattr(before, type(model).__name__)
             fields = [f for f in cls.__dataclass_fields__ if f not in ("parent", "name")]
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
         examples = training.training_examples(cfg, ds)
         batches = examples.epoch_batches(training.NegativeSampler(ds), cfg.batch_size,
                                          np.random.default_rng(0))
-        batches = [b for _, b in zip(range(args.batches + 1), batches)]
+        batches = [b for _, b in zip(range(args.batches + 1), batches, strict=False)]
         shape = {k: v.shape for k, v in batches[0].items()}
         batches = [b for b in batches if {k: v.shape for k, v in b.items()} == shape]
         key = jax.random.PRNGKey(0)
@@ -92,7 +92,8 @@ def main(argv=None) -> None:
         reference = "before" if before is not None else "bits 32"
         for v, (loss, grad) in first.items():
             diff = max(float(jnp.abs(a - b).max()) for a, b in
-                       zip(jax.tree.leaves(grad), jax.tree.leaves(first[reference][1])))
+                       zip(jax.tree.leaves(grad), jax.tree.leaves(first[reference][1]),
+                           strict=True))
             print(f"{name} {v}: loss {float(loss):.7f}; max |gradient - {reference}'s| {diff:.1e}")
         times: dict[str, list[float]] = {v: [] for v in grads}
         order = list(grads)

@@ -3,9 +3,9 @@
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import optax
 import pytest
@@ -14,8 +14,8 @@ from sevo_jax.models import (
     MFBPR,
     STOSA,
     BERT4Rec,
-    GRU4Rec,
     Dropout,
+    GRU4Rec,
     SASRec,
     attention_with_dropout,
     bias_free_gru_step,
