@@ -355,6 +355,18 @@ def test_enable_compile_cache_stays_off_when_the_folder_cannot_be_made(
     assert len(lines) == 1 and lines[0].startswith(f"compile cache off: cannot create {blocker}")
 
 
+def test_fit_turns_the_compile_cache_on_unless_opted_out(tmp_path, small_ds, monkeypatch):
+    calls = []
+    monkeypatch.setattr(training, "enable_compile_cache", lambda **kw: calls.append(kw))
+    cfg = training.TrainConfig(model="mfbpr", optimizer="adamw", epochs=1, features=8,
+                               progress=False, out=str(tmp_path / "on"))
+    training.fit(cfg, dataset=small_ds, log=lambda line: None)
+    assert len(calls) == 1
+    training.fit(dataclasses.replace(cfg, compile_cache=False, out=str(tmp_path / "off")),
+                 dataset=small_ds, log=lambda line: None)
+    assert len(calls) == 1
+
+
 def test_cli_no_compile_cache_flag():
     from sevo_jax.train import build_parser, config_from_args
 
