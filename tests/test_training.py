@@ -302,18 +302,19 @@ def test_evaluate_compiles_once_and_equals_the_per_batch_width_path():
     assert training.exclusion_width(ds) == 256
 
 
-def test_evaluate_batch_is_capped_at_the_users():
-    """Fewer users than ``eval_batch_size``: one batch of exactly the users (one compile)."""
+@pytest.mark.parametrize("model", ["mfbpr", "sasrec"])
+def test_evaluate_batch_is_capped_at_the_users(model):
+    """Fewer users than ``eval_batch_size``: one batch of exactly the users, with the same
+    metrics to the last digit as the old path's batch of ``eval_batch_size`` rows."""
     ds = uneven_histories(num_users=6)
-    cfg = training.TrainConfig(model="mfbpr", features=8).resolved()
-    model, _, params, _ = training.init_training(cfg, ds)
+    cfg = training.TrainConfig(model=model, features=8, maxlen=8, num_blocks=1).resolved()
+    net, _, params, _ = training.init_training(cfg, ds)
     calls = []
-    scorer = training.make_scorer(cfg, model, num_items=ds.num_items)
+    scorer = training.make_scorer(cfg, net, num_items=ds.num_items)
     got = training.evaluate(cfg, lambda *a: calls.append(a[1].shape) or scorer(*a), params, ds,
                             "valid")
-    assert calls == [(6,)]
-    small = dataclasses.replace(cfg, eval_batch_size=6)
-    assert got == per_batch_width_evaluate(small, scorer, params, ds, "valid")
+    assert [shape[0] for shape in calls] == [6]
+    assert got == per_batch_width_evaluate(cfg, scorer, params, ds, "valid")  # 1024 rows
 
 
 def test_padded_rows_with_a_fixed_width():
