@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -601,9 +600,6 @@ def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
 
 # Programs that take less than this to compile are not written to the persistent cache.
 COMPILE_CACHE_MIN_SECONDS = 0.5
-# Least recently used entries go past this size (needs the ``filelock`` package; without it
-# JAX cannot evict and the cache is not capped).
-COMPILE_CACHE_MAX_BYTES = 1 << 30
 
 
 def default_compile_cache_dir() -> Path:
@@ -632,10 +628,10 @@ def enable_compile_cache(directory: str | os.PathLike | None = None,
 
     ``directory`` defaults to ``default_compile_cache_dir()``. A cache directory already set
     (``jax.config.jax_compilation_cache_dir``, e.g. by ``$JAX_COMPILATION_CACHE_DIR``) is kept
-    as it is. Programs compiling in under ``COMPILE_CACHE_MIN_SECONDS`` are not cached, and
-    the cache is capped at ``COMPILE_CACHE_MAX_BYTES`` unless the user set a cap (JAX evicts
-    the least recently used programs when ``filelock`` is installed). A directory that cannot
-    be created leaves the cache off (with one line to ``log``).
+    as it is. Programs compiling in under ``COMPILE_CACHE_MIN_SECONDS`` are not cached. The
+    folder is not capped (a program is 0.1-1 MB; JAX's LRU cap needs ``filelock`` and breaks on
+    a folder written without it) and may be deleted at any time. A directory that cannot be
+    created leaves the cache off (with one line to ``log``).
     Returns the directory in use, or None when the cache stays off.
     """
     current = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]  # set at run time
@@ -648,12 +644,8 @@ def enable_compile_cache(directory: str | os.PathLike | None = None,
         log(f"compile cache off: cannot create {path} ({e.strerror or e})")
         return None
     jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
-    if (jax.config.jax_compilation_cache_max_size == -1  # type: ignore[attr-defined]
-            and importlib.util.find_spec("filelock") is not None):
-        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     jax.config.update("jax_compilation_cache_dir", str(path))
     return str(path)
-
 
 
 def make_loss_fn(config: TrainConfig, model: nn.Module) -> Callable:

@@ -326,8 +326,7 @@ def test_padded_rows_with_a_fixed_width():
 
 @pytest.fixture
 def restore_compile_cache_config():
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_compilation_cache_max_size")
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     saved = {k: getattr(jax.config, k) for k in keys}
     yield
     for k, v in saved.items():
@@ -336,16 +335,11 @@ def restore_compile_cache_config():
 
 def test_enable_compile_cache_sets_a_directory_once(tmp_path, restore_compile_cache_config):
     jax.config.update("jax_compilation_cache_dir", None)
-    jax.config.update("jax_compilation_cache_max_size", -1)
     where = tmp_path / "cache"
     assert training.enable_compile_cache(where) == str(where) and where.is_dir()
     assert jax.config.jax_compilation_cache_dir == str(where)
     assert jax.config.jax_persistent_cache_min_compile_time_secs == (
         training.COMPILE_CACHE_MIN_SECONDS)
-    import importlib.util
-    capped = importlib.util.find_spec("filelock") is not None  # JAX evicts only with filelock
-    assert jax.config.jax_compilation_cache_max_size == (
-        training.COMPILE_CACHE_MAX_BYTES if capped else -1)
     # a directory already set (by the user or an earlier run) is kept
     assert training.enable_compile_cache(tmp_path / "other") == str(where)
     assert not (tmp_path / "other").exists()
