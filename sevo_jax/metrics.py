@@ -91,7 +91,8 @@ class MetricAccumulator:
         self._sums: dict[str, float] = {}
         self._count = 0.0
 
-    def update(self, metrics: Mapping[str, jax.Array], mask: jax.Array | None = None) -> None:
+    def update(self, metrics: Mapping[str, jax.Array],
+               mask: jax.Array | np.ndarray | None = None) -> None:
         """Adds a batch of ``(B,)`` per-example values.
 
         ``mask`` (``(B,)`` bool) drops rows, e.g. the filler rows of a padded last

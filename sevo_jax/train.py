@@ -136,6 +136,11 @@ def build_parser() -> _Parser:
       help="delete the run already in OUT and start again (default: refuse a used OUT)")
     a("--no-progress", action="store_true", help="hide the progress bar")
     p.flags["progress"] = "--no-progress"
+    a("--no-compile-cache", action="store_true",
+      help="do not keep compiled programs in JAX's persistent compilation cache (default: on, "
+           "in $JAX_COMPILATION_CACHE_DIR or ~/.cache/sevo_jax/jax/<this CPU>; later runs and "
+           "resumes then skip most compiling)")
+    p.flags["compile_cache"] = "--no-compile-cache"
     a("--data-stats", action="store_true",
       help="load the data, print its statistics as JSON and exit without training")
     return p
@@ -147,7 +152,8 @@ def config_from_args(args: argparse.Namespace) -> training.TrainConfig:
     fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     placeholder = "synthetic" if args.data is None else "seqtxt"
-    values.update(format=args.format or placeholder, progress=not args.no_progress)
+    values.update(format=args.format or placeholder, progress=not args.no_progress,
+                  compile_cache=not args.no_compile_cache)
     config = training.TrainConfig(**values)
     config.validate()
     if args.format is None and args.data is not None:

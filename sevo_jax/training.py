@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -97,6 +99,7 @@ class TrainConfig:
     out: str = "runs/latest"
     progress: bool = True
     mesh: str | None = None  # "NAME=SIZE": shard tables by rows and batches over SIZE devices
+    compile_cache: bool = True  # JAX's persistent compilation cache (enable_compile_cache)
 
     def validate(self) -> None:
         """Check every field's type and range; raise :class:`ConfigError` naming the first bad one.
@@ -255,7 +258,7 @@ _FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "lr_decay_every": _integer(1), "seed": _integer(0), "eval_every": _integer(1),
     "patience": _integer(1, optional=True), "eval_batch_size": _integer(1), "kcore": _integer(0),
     "keep_duplicates": _flag, "cache_dir": _text(optional=True), "out": _text(optional=False),
-    "progress": _flag, "mesh": _text(optional=True),
+    "progress": _flag, "mesh": _text(optional=True), "compile_cache": _flag,
 }
 
 
@@ -602,6 +605,55 @@ def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
 
 # ---- step and evaluation ------------------------------------------------------------------------
 
+# Programs that take less than this to compile are not written to the persistent cache.
+COMPILE_CACHE_MIN_SECONDS = 0.5
+
+
+def default_compile_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sevo_jax/jax/<cpu>`` (``~/.cache`` without XDG_CACHE_HOME), where
+    ``<cpu>`` is a short hash of this CPU's model and instruction-set flags: XLA:CPU programs
+    are built for the CPU that compiled them, and a home folder may be shared by machines."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sevo_jax" / "jax" / _cpu_fingerprint()
+
+
+def _cpu_fingerprint() -> str:
+    described = [platform.machine(), platform.processor()]
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:  # Linux: the model and the flags of the first CPU
+            described += [line for line in f.read().split("\n\n")[0].splitlines()
+                          if line.startswith(("model name", "flags", "Features"))]
+    return hashlib.sha256("\n".join(described).encode()).hexdigest()[:12]
+
+
+def enable_compile_cache(directory: str | os.PathLike | None = None,
+                         log: Callable[[str], None] = print) -> str | None:
+    """Turn on JAX's persistent compilation cache, so that a later run of the same program
+    (the same model, optimizer, data shapes and JAX), or a resumed run, loads its compiled
+    train step and scorer from disk instead of compiling them again. The first run still
+    compiles everything and writes the cache.
+
+    ``directory`` defaults to ``default_compile_cache_dir()``. A cache directory already set
+    (``jax.config.jax_compilation_cache_dir``, e.g. by ``$JAX_COMPILATION_CACHE_DIR``) is kept
+    as it is. Programs compiling in under ``COMPILE_CACHE_MIN_SECONDS`` are not cached. The
+    folder is not capped (a program is 0.1-1 MB; JAX's LRU cap needs ``filelock`` and breaks on
+    a folder written without it) and may be deleted at any time. A directory that cannot be
+    created leaves the cache off (with one line to ``log``).
+    Returns the directory in use, or None when the cache stays off.
+    """
+    current = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]  # set at run time
+    if current:
+        return str(current)
+    path = Path(directory) if directory is not None else default_compile_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log(f"compile cache off: cannot create {path} ({e.strerror or e})")
+        return None
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return str(path)
+
 
 def make_loss_fn(config: TrainConfig, model: nn.Module) -> Callable:
     """``loss(params, batch, dropout_key)``: BCE for SASRec (spec §4), cloze cross-entropy for
@@ -684,11 +736,18 @@ def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None,
     return jax.jit(score, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
-def padded_rows(csr: sp.csr_matrix, rows: np.ndarray, min_width: int = 8) -> np.ndarray:
-    """The column ids of ``csr``'s ``rows`` as a (len(rows), K) int32 array padded with 0;
-    K is a power of two (>= ``min_width``) so that jit sees few distinct shapes."""
+def padded_rows(csr: sp.csr_matrix, rows: np.ndarray, min_width: int = 8,
+                width: int | None = None) -> np.ndarray:
+    """The column ids of ``csr``'s ``rows`` as a (len(rows), K) int32 array padded with 0.
+
+    K is ``width`` if given (it must hold the longest row), else the power of two
+    (>= ``min_width``) that holds the longest of these rows, so that jit sees few shapes."""
     starts, counts = csr.indptr[rows], np.diff(csr.indptr)[rows]
-    width = max(min_width, 1 << int(max(counts.max(initial=0), 1) - 1).bit_length())
+    longest = int(counts.max(initial=0))
+    if width is None:
+        width = max(min_width, 1 << (max(longest, 1) - 1).bit_length())
+    elif longest > width:
+        raise ValueError(f"padded_rows: a row holds {longest} ids, more than width {width}")
     cols = np.arange(width)
     valid = cols[None, :] < counts[:, None]
     out = np.zeros((rows.size, width), np.int32)
@@ -696,24 +755,42 @@ def padded_rows(csr: sp.csr_matrix, rows: np.ndarray, min_width: int = 8) -> np.
     return out
 
 
+def exclusion_width(ds: data_lib.SequenceDataset) -> int:
+    """The width of the seen-items list (``padded_rows``) of every evaluation batch of ``ds``,
+    both splits: the longest training history plus the validation item, rounded up to a power
+    of two >= 8. One width per data set, so a run compiles its scorer once.
+
+    Examples:
+      >>> exclusion_width(data_lib.synthetic(num_users=20, num_items=30, seq_len=(5, 14)))
+      16
+    """
+    longest = int(ds.train_lengths().max(initial=0)) + 1
+    return max(8, 1 << (longest - 1).bit_length())
+
+
 def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.SequenceDataset,
              split: str, plan: sharding_lib.MeshPlan | None = None) -> dict[str, float]:
     """Full-ranking HR@k / NDCG@k of ``split`` over all users; earlier items are masked.
 
+    Every batch has the same shapes: ``min(eval_batch_size, num_users)`` rows (the last batch
+    is filled up with user 0, whose rows are dropped from the means) and seen-items lists of
+    ``exclusion_width(ds)`` ids, so ``scorer`` compiles once for both splits of a run.
     With a ``plan`` the catalogue has padding ids past ``num_items``; the scorer masks them
     (``make_scorer(..., num_items=)``)."""
     inputs = eval_inputs(config, ds, split)
     targets = (ds.valid if split == "valid" else ds.test).astype(np.int32)
     seen = ds.seen_items(split)
+    width = exclusion_width(ds)
     acc = metrics_lib.MetricAccumulator()
-    bs = config.eval_batch_size
+    bs = min(config.eval_batch_size, ds.num_users)
     for start in range(0, ds.num_users, bs):
         rows = np.arange(start, min(start + bs, ds.num_users))
         batch_rows = np.concatenate([rows, np.zeros(bs - rows.size, rows.dtype)])
-        batch = (inputs[batch_rows], targets[batch_rows], padded_rows(seen, batch_rows))
+        batch = (inputs[batch_rows], targets[batch_rows], padded_rows(seen, batch_rows,
+                                                                       width=width))
         if plan is not None:
             batch = plan.put(batch, plan.replicated)
-        acc.update(scorer(params, *batch), mask=jnp.asarray(np.arange(bs) < rows.size))
+        acc.update(scorer(params, *batch), mask=np.arange(bs) < rows.size)
     return acc.compute()
 
 
@@ -752,11 +829,11 @@ class ResumeError(ValueError):
 
 
 # Fields a resumed run may change: where it writes, how it shows progress and batches the
-# evaluation, where it caches, its device mesh (checkpoints restore onto any mesh) and when it
-# stops (``epochs``: never below the epochs done).
+# evaluation, where it caches (data and compiled programs), its device mesh (checkpoints restore
+# onto any mesh) and when it stops (``epochs``: never below the epochs done).
 # ``data`` is compared by the data's content fingerprint, not by how the path is spelled.
 RESUME_HARMLESS = frozenset({"out", "progress", "eval_batch_size", "cache_dir", "patience",
-                             "epochs", "data", "mesh"})
+                             "epochs", "data", "mesh", "compile_cache"})
 DATA_FINGERPRINT = "data_fingerprint"  # the key a checkpoint's metadata stores it under
 GRAPH_FINGERPRINT = "graph_fingerprint"  # likewise, of the SEvo graph (None without SEvo)
 
@@ -907,6 +984,8 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     ``config.out`` is locked for the run. A folder that already holds a run is refused unless
     ``resume`` (continue it: it must hold a checkpoint) or ``overwrite`` (delete it first).
+    ``config.compile_cache`` turns on JAX's persistent compilation cache for the process
+    (``enable_compile_cache``).
     """
     config = config.resolved()
     config.validate()
@@ -925,6 +1004,8 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
                    resume: bool, dataset: data_lib.SequenceDataset | None,
                    log: Callable[[str], None]) -> dict:
     """``fit`` once ``out`` is claimed."""
+    if config.compile_cache:
+        enable_compile_cache(log=log)
     epochs = required(config.epochs, "epochs")
     batch_size = required(config.batch_size, "batch_size")
     ds = dataset if dataset is not None else data_lib.load_dataset(

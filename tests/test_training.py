@@ -1,5 +1,6 @@
 """The trainer and its command line, on small synthetic data."""
 
+import dataclasses
 import json
 
 import jax
@@ -256,6 +257,125 @@ def test_evaluate_equals_dense_mask_ranking(small_ds, split):
     want = jax.device_get(metrics.ranking_metrics(metrics.target_ranks(scores, targets, exclude)))
     for name, value in got.items():
         assert value == pytest.approx(float(np.mean(want[name])), abs=1e-6), name
+
+
+def uneven_histories(num_users=45, num_items=300, seed=5):
+    """Users whose training histories range from 1 to 150 items: per-batch seen-items widths
+    of 8 to 256 (the catalogue has repeats, so the seen lists are shorter than histories)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.choice([1, 2, 3, 5, 9, 20, 40, 150], size=num_users)
+    items = rng.integers(1, num_items + 1, size=int(lengths.sum()))
+    return data.SequenceDataset(
+        "uneven", num_users, num_items, items, np.concatenate([[0], np.cumsum(lengths)]),
+        rng.integers(1, num_items + 1, num_users), rng.integers(1, num_items + 1, num_users))
+
+
+def per_batch_width_evaluate(cfg, scorer, params, ds, split):
+    """The evaluation before issue 14: each batch's seen list padded to its own power of two."""
+    from sevo_jax import metrics
+
+    inputs = training.eval_inputs(cfg, ds, split)
+    targets = (ds.valid if split == "valid" else ds.test).astype(np.int32)
+    seen, acc, bs = ds.seen_items(split), metrics.MetricAccumulator(), cfg.eval_batch_size
+    for start in range(0, ds.num_users, bs):
+        rows = np.arange(start, min(start + bs, ds.num_users))
+        batch_rows = np.concatenate([rows, np.zeros(bs - rows.size, rows.dtype)])
+        acc.update(scorer(params, inputs[batch_rows], targets[batch_rows],
+                          training.padded_rows(seen, batch_rows)), mask=np.arange(bs) < rows.size)
+    return acc.compute()
+
+
+def test_evaluate_compiles_once_and_equals_the_per_batch_width_path():
+    """Batches of 8 users with histories of 1 to 150 items, the last batch partial: the old
+    path compiles one scorer per padded width; ``evaluate`` compiles one program for both
+    splits and gives the same metrics to the last digit."""
+    ds = uneven_histories()
+    cfg = training.TrainConfig(model="sasrec", maxlen=16, features=16, num_blocks=1,
+                               eval_batch_size=8).resolved()
+    model, _, params, _ = training.init_training(cfg, ds)
+    before = training.make_scorer(cfg, model, num_items=ds.num_items)
+    want = {split: per_batch_width_evaluate(cfg, before, params, ds, split)
+            for split in ("valid", "test")}
+    assert before._cache_size() >= 3  # the data really has several widths
+    scorer = training.make_scorer(cfg, model, num_items=ds.num_items)
+    got = {split: training.evaluate(cfg, scorer, params, ds, split) for split in ("valid", "test")}
+    assert got == want
+    assert scorer._cache_size() == 1
+    assert training.exclusion_width(ds) == 256
+
+
+@pytest.mark.parametrize("model", ["mfbpr", "sasrec"])
+def test_evaluate_batch_is_capped_at_the_users(model):
+    """Fewer users than ``eval_batch_size``: one batch of exactly the users, with the same
+    metrics to the last digit as the old path's batch of ``eval_batch_size`` rows."""
+    ds = uneven_histories(num_users=6)
+    cfg = training.TrainConfig(model=model, features=8, maxlen=8, num_blocks=1).resolved()
+    net, _, params, _ = training.init_training(cfg, ds)
+    calls = []
+    scorer = training.make_scorer(cfg, net, num_items=ds.num_items)
+    got = training.evaluate(cfg, lambda *a: calls.append(a[1].shape) or scorer(*a), params, ds,
+                            "valid")
+    assert [shape[0] for shape in calls] == [6]
+    assert got == per_batch_width_evaluate(cfg, scorer, params, ds, "valid")  # 1024 rows
+
+
+def test_padded_rows_with_a_fixed_width():
+    csr = sp.csr_matrix(np.array([[0, 1, 1, 0], [1, 1, 1, 1]], bool))
+    assert training.padded_rows(csr, np.array([0]), width=4).tolist() == [[1, 2, 0, 0]]
+    with pytest.raises(ValueError, match="a row holds 4 ids, more than width 3"):
+        training.padded_rows(csr, np.array([0, 1]), width=3)
+
+
+@pytest.fixture
+def restore_compile_cache_config():
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+def test_enable_compile_cache_sets_a_directory_once(tmp_path, restore_compile_cache_config):
+    jax.config.update("jax_compilation_cache_dir", None)
+    where = tmp_path / "cache"
+    assert training.enable_compile_cache(where) == str(where) and where.is_dir()
+    assert jax.config.jax_compilation_cache_dir == str(where)
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == (
+        training.COMPILE_CACHE_MIN_SECONDS)
+    # a directory already set (by the user or an earlier run) is kept
+    assert training.enable_compile_cache(tmp_path / "other") == str(where)
+    assert not (tmp_path / "other").exists()
+
+
+def test_enable_compile_cache_stays_off_when_the_folder_cannot_be_made(
+        tmp_path, restore_compile_cache_config):
+    jax.config.update("jax_compilation_cache_dir", None)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    lines = []
+    assert training.enable_compile_cache(blocker / "cache", log=lines.append) is None
+    assert jax.config.jax_compilation_cache_dir is None
+    assert len(lines) == 1 and lines[0].startswith(f"compile cache off: cannot create {blocker}")
+
+
+def test_fit_turns_the_compile_cache_on_unless_opted_out(tmp_path, small_ds, monkeypatch):
+    calls = []
+    monkeypatch.setattr(training, "enable_compile_cache", lambda **kw: calls.append(kw))
+    cfg = training.TrainConfig(model="mfbpr", optimizer="adamw", epochs=1, features=8,
+                               progress=False, out=str(tmp_path / "on"))
+    training.fit(cfg, dataset=small_ds, log=lambda line: None)
+    assert len(calls) == 1
+    training.fit(dataclasses.replace(cfg, compile_cache=False, out=str(tmp_path / "off")),
+                 dataset=small_ds, log=lambda line: None)
+    assert len(calls) == 1
+
+
+def test_cli_no_compile_cache_flag():
+    from sevo_jax.train import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args([])).compile_cache is True
+    off = config_from_args(build_parser().parse_args(["--no-compile-cache"]))
+    assert off.compile_cache is False
 
 
 # ---- the reference's other backbones: BERT4Rec, STOSA, MF-BPR on the item-item graph ----------
