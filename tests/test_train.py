@@ -62,7 +62,7 @@ BAD_VALUES = {
     "eval_every": 0, "patience": 0, "eval_batch_size": 0, "kcore": -1, "keep_duplicates": "yes",
     "cache_dir": 3, "out": "", "progress": None, "mesh": 8, "attention_dropout": 1.0,
     "mask_prob": -0.1, "pvn_weight": -1.0, "lr_decay_factor": 0.0, "lr_decay_every": 0,
-    "dropout_bits": 8,
+    "dropout_bits": 8, "compile_cache": "yes",
 }
 
 
