@@ -56,12 +56,12 @@ def main(argv=None) -> None:
         args.before = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                                    "sevo_jax", "operator.py")
     _util.limit_threads(args.cpu)
+    import graphs as graph_gen
     import jax
     import jax.numpy as jnp
     import numpy as np
     import scipy.sparse as sp
 
-    import graphs as graph_gen
     from sevo_jax import operator as now
     from sevo_jax.graph import normalize
 
