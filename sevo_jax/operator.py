@@ -47,6 +47,7 @@ from jax.experimental import sparse as jsparse
 from sevo_jax import graph as graph_lib
 
 __all__ = [
+    "MATMUL_BLOCK",
     "MATMUL_CHUNK",
     "MATMUL_IMPLS",
     "GraphOperator",
@@ -63,9 +64,9 @@ __all__ = [
 ]
 
 MATMUL_IMPLS = ("chunked", "segment_sum", "bcoo")
-MATMUL_CHUNK: int | None = None  # non-zeros per chunk of "chunked"; None: by width (below)
-MATMUL_CHUNK_BYTES = 1 << 20  # the message buffer of one chunk, when MATMUL_CHUNK is None
-MATMUL_BLOCK = 8  # slots of one row summed in registers by "chunked" (BENCHMARKS.md)
+MATMUL_CHUNK: int | None = None  # non-zero slots per loop step of "chunked"; None: by width
+MATMUL_CHUNK_BYTES = 1 << 20  # the rows one loop step gathers, when MATMUL_CHUNK is None
+MATMUL_BLOCK = 8  # slots of one row that "chunked" sums in registers (4 and 16: slower)
 
 RowwiseFn = Callable[..., jax.Array]  # (matmul, x, *operands) -> y, row-wise except through matmul
 
@@ -199,14 +200,15 @@ def check_impl(impl: str | None) -> None:
 
 
 def _row_blocks(indices: jax.Array, weights: jax.Array, num_rows: int, block: int,
-                num_blocks: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+                num_blocks: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Row-sorted COO regrouped into ``num_blocks`` blocks of ``block`` slots, each in ONE row.
 
     Row ``r`` (degree ``k``) owns ``ceil(k / block)`` consecutive blocks holding its entries in
     order; the slots past its last entry have weight 0 and repeat the row's first column, and
     blocks past the last row's (up to ``num_blocks``) have target row ``num_rows`` (dropped), as
-    do entries whose row is out of range. Returns ``(block_row, cols, weights, used)``:
-    (num_blocks,), (num_blocks, block) twice, and the number of blocks in use (a scalar).
+    do entries whose row is out of range. Returns ``(block_row, cols, weights)``, of shapes
+    (num_blocks,), (num_blocks, block) and (num_blocks, block). Only gathers, one scatter of
+    ``num_rows`` ones and cumulative sums: no per-non-zero scatter.
     """
     rows, cols = indices[:, 0], indices[:, 1]
     nnz = rows.shape[0]
@@ -226,7 +228,7 @@ def _row_blocks(indices: jax.Array, weights: jax.Array, num_rows: int, block: in
     valid = src < entry_end[block_row][:, None]
     src = jnp.where(valid, src, jnp.minimum(first, max(nnz - 1, 0))[:, None])
     block_row = jnp.where(valid[:, 0], block_row, num_rows)
-    return block_row, cols[src], jnp.where(valid, weights[src], 0), block_end[-1]
+    return block_row, cols[src], jnp.where(valid, weights[src], 0)
 
 
 def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows: int,
@@ -248,8 +250,11 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
     * ``"bcoo"``: ``jax.experimental.sparse.BCOO @ x``.
 
     Entries whose row is out of range (``>= num_rows``: sharding's padding) are dropped.
-    ``chunk`` defaults to ``MATMUL_CHUNK`` or, when that is None, to the number of rows of
-    ``x`` that fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64 in float32).
+    ``chunk`` (slots per loop step; one step when ``nnz <= chunk``, by ``"segment_sum"``)
+    defaults to ``MATMUL_CHUNK`` or, when that is None, to the number of rows of ``x`` that
+    fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64 in float32). While it runs, ``"chunked"`` holds
+    the blocks' columns and weights: 8 bytes for each of at most ``nnz + 7 num_rows`` slots
+    (about 11 bytes per non-zero at 20 non-zeros a row; the graph itself takes 12).
 
     Examples:
       >>> idx = jnp.array([[0, 1], [1, 0]], jnp.int32)   # S = [[0, 2], [3, 0]]
@@ -277,12 +282,12 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
     bound = -(-(nnz + (block - 1) * min(num_rows, nnz)) // block)  # >= blocks in use
     num_chunks = -(-bound // per_chunk)
     block_row, bcols, bw = (a.reshape(num_chunks, per_chunk, *a.shape[1:]) for a in
-                            _row_blocks(indices, w, num_rows, block, num_chunks * per_chunk)[:3])
+                            _row_blocks(indices, w, num_rows, block, num_chunks * per_chunk))
 
     def body(i, out):
         c, v = bcols[i], bw[i]
         acc = v[:, 0, None] * x[c[:, 0]]
-        for j in range(1, block):  # one fused loop: XLA:CPU vectorises it over d
+        for j in range(1, block):  # one fused loop; a gather then a sum over j is ~10x slower
             acc = acc + v[:, j, None] * x[c[:, j]]
         return out.at[block_row[i]].add(acc, indices_are_sorted=True, mode="drop")
 
