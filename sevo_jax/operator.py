@@ -250,12 +250,14 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
       100k-non-zero graphs are still slower than scipy: BENCHMARKS.md);
     * ``"bcoo"``: ``jax.experimental.sparse.BCOO @ x``.
 
-    Entries whose row is out of range (``>= num_rows``: sharding's padding) are dropped.
-    ``chunk`` (slots per loop step; one step when ``nnz <= chunk``, by ``"segment_sum"``)
-    defaults to ``MATMUL_CHUNK`` or, when that is None, to the number of rows of ``x`` that
-    fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64 in float32). While it runs, ``"chunked"`` holds
-    the blocks' columns and weights: 8 bytes for each of at most ``nnz + 7 num_rows`` slots
-    (about 11 bytes per non-zero at 20 non-zeros a row; the graph itself takes 12).
+    Rows must be non-decreasing (``"chunked"`` groups each row's entries by position and
+    gives wrong sums otherwise); entries whose row is out of range (``>= num_rows``:
+    sharding's padding, sorted last) are dropped. ``chunk`` (slots per loop step; one step,
+    by ``"segment_sum"``, when ``nnz <= chunk``) defaults to ``MATMUL_CHUNK`` or, when that
+    is None, to the number of rows of ``x`` that fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64
+    in float32). While it runs, ``"chunked"`` holds the blocks' columns and weights: 8 bytes
+    for each of at most ``nnz + 7 num_rows`` slots (about 11 bytes per non-zero at 20
+    non-zeros a row; the graph itself takes 12).
 
     Examples:
       >>> idx = jnp.array([[0, 1], [1, 0]], jnp.int32)   # S = [[0, 2], [3, 0]]
