@@ -215,7 +215,8 @@ def _row_blocks(indices: jax.Array, weights: jax.Array, num_rows: int, block: in
     degree = jax.ops.segment_sum(jnp.ones(nnz, jnp.int32), rows, num_segments=num_rows,
                                  indices_are_sorted=True)
     row_blocks = (degree + (block - 1)) // block
-    entry_end, block_end = jnp.cumsum(degree), jnp.cumsum(row_blocks)
+    ends = jnp.cumsum(jnp.stack([degree, row_blocks], 1), axis=0)  # one cumsum for both
+    entry_end, block_end = ends[:, 0], ends[:, 1]
     entry_start, block_start = entry_end - degree, block_end - row_blocks
     # block q belongs to the last row starting at or before it (empty rows start where the next
     # non-empty row does, so the count lands on that one)
