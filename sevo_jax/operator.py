@@ -247,7 +247,7 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
       rows ``x[col]`` in registers (``MATMUL_BLOCK`` gathers and multiply-adds, one fused
       loop) and scatter-adds the block sums into their rows, so the (nnz, d) message buffer
       never exists and the scatter sees one update per block, not per non-zero
-      (0.44-0.83x scipy's CSR time at d = 64-128 from 1M non-zeros up; d = 16 and
+      (0.44-0.87x scipy's CSR time at d = 64-128 from 1M non-zeros up; d = 16 and
       100k-non-zero graphs are still slower than scipy: BENCHMARKS.md);
     * ``"bcoo"``: ``jax.experimental.sparse.BCOO @ x``.
 
