@@ -1,14 +1,20 @@
 """``sparse_matmul`` (chunked, the CPU default) of this checkout vs an older ``operator.py``
 vs scipy CSR, side by side in one process on one core.
 
-Uniform random graphs (n = nnz / 20, float32), one product ``A @ X`` per call, CPU time per
-call, 7 blocks alternating A B C / C B A, medians of per-block ratios.
+Graphs with n = nnz / 20 nodes, float32: ``random`` (random COO entries and weights, the
+default), or ``uniform`` / ``powerlaw`` from ``benchmarks/graphs.py`` (Erdos-Renyi-like and
+Zipf co-occurrence graphs, normalised as SEvo uses them). One product ``A @ X`` per call, CPU
+time per call, 7 blocks alternating A B C / C B A, medians of per-block ratios. ``--layers L``
+times psi's recursion instead, ``Y <- X + 0.99 A Y`` L times in one call (a ``fori_loop`` in
+JAX, as ``sevo_jax.psi`` runs it; a Python loop of CSR products in scipy).
 
 Usage::
 
     git show 24587db:sevo_jax/operator.py > /tmp/operator_before.py
     python benchmarks/bench_matmul_versions.py --before /tmp/operator_before.py \\
         --nnz 1e5,1e6 --d 16,32,48,64,128
+    python benchmarks/bench_matmul_versions.py --before /tmp/operator_before.py \
+        --graphs uniform,powerlaw --nnz 1e5,1e6,4e6 --d 16,32,64,128
     python benchmarks/bench_matmul_versions.py --smoke   # CI: this checkout against itself
 """
 
@@ -36,6 +42,10 @@ def main(argv=None) -> None:
                    help="an older sevo_jax/operator.py (default: this checkout's own)")
     p.add_argument("--nnz", type=_ints, default=_ints("1e5,1e6"))
     p.add_argument("--d", type=_ints, default=_ints("16,32,48,64,128"))
+    p.add_argument("--graphs", type=lambda s: [g for g in s.split(",") if g], default=["random"],
+                   help="comma list of random, uniform, powerlaw (default: random)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="0: one product A @ X; L > 0: psi's recursion with L products")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--cpu", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
@@ -46,12 +56,14 @@ def main(argv=None) -> None:
         args.before = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                                    "sevo_jax", "operator.py")
     _util.limit_threads(args.cpu)
+    import graphs as graph_gen
     import jax
     import jax.numpy as jnp
     import numpy as np
     import scipy.sparse as sp
 
     from sevo_jax import operator as now
+    from sevo_jax.graph import normalize
 
     spec = importlib.util.spec_from_file_location("operator_before", args.before)
     if spec is None or spec.loader is None:
@@ -62,12 +74,23 @@ def main(argv=None) -> None:
 
     rng = np.random.default_rng(0)
     print(_util.machine_line(_util.machine_info()))
-    print("| nnz | d | scipy CSR | before | now | before / scipy | now / scipy | now / before |")
-    print("|---|---|---|---|---|---|---|---|")
-    for nnz in args.nnz:
+    print("one product A @ X per call" if args.layers == 0 else
+          f"psi's recursion, {args.layers} products per call")
+    print("| graph | nnz | d | scipy CSR | before | now | before / scipy | now / scipy "
+          "| now / before |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, nnz in ((k, m) for k in args.graphs for m in args.nnz):
         n = nnz // 20
-        a = sp.csr_matrix((rng.random(nnz).astype(np.float32),
-                           (rng.integers(0, n, nnz), rng.integers(0, n, nnz))), shape=(n, n))
+        if kind == "random":
+            a = sp.csr_matrix((rng.random(nnz).astype(np.float32),
+                               (rng.integers(0, n, nnz), rng.integers(0, n, nnz))), shape=(n, n))
+        elif kind == "uniform":
+            a = normalize(graph_gen.uniform_graph(n, nnz, 0)).astype(np.float32)
+        elif kind == "powerlaw":
+            a = normalize(graph_gen.powerlaw_cooccurrence(n, nnz, 1.0, 0)).astype(np.float32)
+        else:
+            raise SystemExit(f"bench_matmul_versions: --graphs: unknown graph {kind!r}")
+        a = sp.csr_matrix(a)
         a.sum_duplicates()
         a.sort_indices()
         coo = a.tocoo()
@@ -76,12 +99,29 @@ def main(argv=None) -> None:
         for d in args.d:
             x = rng.standard_normal((n, d)).astype(np.float32)
             xj = jnp.asarray(x)
-            ref = a @ x
-            f_before = jax.jit(lambda i, v, y, n=n: before.sparse_matmul(i, v, y, n,
-                                                                        impl="chunked"))
-            f_now = jax.jit(lambda i, v, y, n=n: now.sparse_matmul(i, v, y, n, impl="chunked"))
+
+            def jitted(mod, n=n, layers=args.layers):
+                def one(i, v, y):
+                    return mod.sparse_matmul(i, v, y, n, impl="chunked")
+                if layers == 0:
+                    return jax.jit(one)
+
+                def psi_like(i, v, y):
+                    return jax.lax.fori_loop(0, layers, lambda _, z: y + 0.99 * one(i, v, z), y)
+                return jax.jit(psi_like)
+
+            def scipy_product(a=a, x=x, layers=args.layers):
+                if layers == 0:
+                    return a @ x
+                y = x
+                for _ in range(layers):
+                    y = x + np.float32(0.99) * (a @ y)
+                return y
+
+            ref = scipy_product()
+            f_before, f_now = jitted(before), jitted(now)
             args_j = (idx, w, xj)
-            fns = {"scipy": lambda a=a, x=x: a @ x,
+            fns = {"scipy": scipy_product,
                    "before": lambda f=f_before, g=args_j: f(*g).block_until_ready(),
                    "now": lambda f=f_now, g=args_j: f(*g).block_until_ready()}
             for name, f in fns.items():
@@ -96,7 +136,7 @@ def main(argv=None) -> None:
                         f()
                     times[name].append((time.process_time() - t) / calls)
             s, b, c = (np.array(times[k]) for k in ("scipy", "before", "now"))
-            print(f"| {nnz:,} | {d} | {_util.fmt_s(float(np.median(s)))} "
+            print(f"| {kind} | {a.nnz:,} | {d} | {_util.fmt_s(float(np.median(s)))} "
                   f"| {_util.fmt_s(float(np.median(b)))} | {_util.fmt_s(float(np.median(c)))} "
                   f"| {np.median(b / s):.2f} | {np.median(c / s):.2f} | {np.median(c / b):.2f} |",
                   flush=True)

@@ -47,6 +47,7 @@ from jax.experimental import sparse as jsparse
 from sevo_jax import graph as graph_lib
 
 __all__ = [
+    "MATMUL_BLOCK",
     "MATMUL_CHUNK",
     "MATMUL_IMPLS",
     "GraphOperator",
@@ -63,11 +64,9 @@ __all__ = [
 ]
 
 MATMUL_IMPLS = ("chunked", "segment_sum", "bcoo")
-MATMUL_CHUNK: int | None = None  # non-zeros per chunk of "chunked"; None: by width (below)
-MATMUL_CHUNK_BYTES = 1 << 20  # the message buffer of one chunk, when MATMUL_CHUNK is None
-# XLA:CPU gathers float32 rows narrower than 64 entries 2-5x slower per entry than rows of 64 or
-# more (BENCHMARKS.md), so "chunked" pads x to this width when that costs less.
-_FAST_GATHER_WIDTH = 64
+MATMUL_CHUNK: int | None = None  # non-zero slots per loop step of "chunked"; None: by width
+MATMUL_CHUNK_BYTES = 1 << 20  # the rows one loop step gathers, when MATMUL_CHUNK is None
+MATMUL_BLOCK = 8  # slots of one row that "chunked" sums in registers (4 and 16: slower)
 
 RowwiseFn = Callable[..., jax.Array]  # (matmul, x, *operands) -> y, row-wise except through matmul
 
@@ -200,6 +199,39 @@ def check_impl(impl: str | None) -> None:
         raise ValueError(f"impl must be one of {MATMUL_IMPLS} or None, got {impl!r}")
 
 
+def _row_blocks(indices: jax.Array, weights: jax.Array, num_rows: int, block: int,
+                num_blocks: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Row-sorted COO regrouped into ``num_blocks`` blocks of ``block`` slots, each in ONE row.
+
+    Row ``r`` (degree ``k``) owns ``ceil(k / block)`` consecutive blocks holding its entries in
+    order; the slots past its last entry have weight 0 and repeat the row's first column, and
+    blocks past the last row's (up to ``num_blocks``) have target row ``num_rows`` (dropped), as
+    do entries whose row is out of range. Returns ``(block_row, cols, weights)``, of shapes
+    (num_blocks,), (num_blocks, block) and (num_blocks, block). Only gathers, one scatter of
+    ``num_rows`` ones and cumulative sums: no per-non-zero scatter.
+    """
+    rows, cols = indices[:, 0], indices[:, 1]
+    nnz = rows.shape[0]
+    degree = jax.ops.segment_sum(jnp.ones(nnz, jnp.int32), rows, num_segments=num_rows,
+                                 indices_are_sorted=True)
+    row_blocks = (degree + (block - 1)) // block
+    ends = jnp.cumsum(jnp.stack([degree, row_blocks], 1), axis=0)  # one cumsum for both
+    entry_end, block_end = ends[:, 0], ends[:, 1]
+    entry_start, block_start = entry_end - degree, block_end - row_blocks
+    # block q belongs to the last row starting at or before it (empty rows start where the next
+    # non-empty row does, so the count lands on that one)
+    starts = jnp.zeros(num_blocks, jnp.int32).at[block_start].add(1, mode="drop")
+    block_row = jnp.cumsum(starts) - 1
+    q = jnp.arange(num_blocks, dtype=jnp.int32)
+    first = entry_start[block_row]
+    src = (first + (q - block_start[block_row]) * block)[:, None] + jnp.arange(block,
+                                                                              dtype=jnp.int32)
+    valid = src < entry_end[block_row][:, None]
+    src = jnp.where(valid, src, jnp.minimum(first, max(nnz - 1, 0))[:, None])
+    block_row = jnp.where(valid[:, 0], block_row, num_rows)
+    return block_row, cols[src], jnp.where(valid, weights[src], 0)
+
+
 def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows: int,
                   impl: str | None = None, chunk: int | None = None) -> jax.Array:
     """``S @ x`` for the (num_rows x x.shape[0]) sparse ``S`` in row-sorted COO, in ``x.dtype``.
@@ -209,15 +241,24 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
 
     * ``"segment_sum"``: gather every ``x[col]``, scale, sorted segment sum (one parallel
       pass; the GPU default);
-    * ``"chunked"``: the same products walked ``chunk`` non-zeros at a time in a
-      ``fori_loop``, so the (nnz, d) message buffer never exists, only a cache-sized one
-      (the CPU default: 0.4-0.6x scipy's CSR time from 4M non-zeros up, BENCHMARKS.md);
+    * ``"chunked"`` (the CPU default): each row's entries regrouped into blocks of
+      ``MATMUL_BLOCK`` (8) slots, padded with zero weights (``_row_blocks``, computed once per
+      call); a ``fori_loop`` then walks ``chunk`` slots at a time, sums each block's scaled
+      rows ``x[col]`` in registers (``MATMUL_BLOCK`` gathers and multiply-adds, one fused
+      loop) and scatter-adds the block sums into their rows, so the (nnz, d) message buffer
+      never exists and the scatter sees one update per block, not per non-zero
+      (0.44-0.87x scipy's CSR time at d = 64-128 from 1M non-zeros up; d = 16 and
+      100k-non-zero graphs are still slower than scipy: BENCHMARKS.md);
     * ``"bcoo"``: ``jax.experimental.sparse.BCOO @ x``.
 
-    Entries whose row is out of range (``>= num_rows``: sharding's padding) are dropped.
-    ``chunk`` defaults to ``MATMUL_CHUNK`` or, when that is None, to the number of rows of
-    ``x`` that fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64 in float32). ``"chunked"`` pads a
-    float32 ``x`` of 25 to 63 columns with zero columns to 64 (XLA:CPU's fast row gather).
+    Rows must be non-decreasing (``"chunked"`` groups each row's entries by position and
+    gives wrong sums otherwise); entries whose row is out of range (``>= num_rows``:
+    sharding's padding, sorted last) are dropped. ``chunk`` (slots per loop step; one step,
+    by ``"segment_sum"``, when ``nnz <= chunk``) defaults to ``MATMUL_CHUNK`` or, when that
+    is None, to the number of rows of ``x`` that fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64
+    in float32). While it runs, ``"chunked"`` holds the blocks' columns and weights: 8 bytes
+    for each of at most ``nnz + 7 num_rows`` slots (about 11 bytes per non-zero at 20
+    non-zeros a row; the graph itself takes 12).
 
     Examples:
       >>> idx = jnp.array([[0, 1], [1, 0]], jnp.int32)   # S = [[0, 2], [3, 0]]
@@ -227,9 +268,6 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
     """
     check_impl(impl)
     impl = default_matmul_impl() if impl is None else impl
-    width = x.shape[1]
-    if impl == "chunked" and x.dtype == jnp.float32 and 24 < width < _FAST_GATHER_WIDTH:
-        x = jnp.pad(x, ((0, 0), (0, _FAST_GATHER_WIDTH - width)))
     if chunk is None:
         row_bytes = x.dtype.itemsize * max(x.shape[1], 1)
         chunk = MATMUL_CHUNK or max(256, MATMUL_CHUNK_BYTES // row_bytes)
@@ -240,23 +278,26 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
     if impl == "bcoo":
         a = jsparse.BCOO((w, indices), shape=(num_rows, x.shape[0]), indices_sorted=True)
         return a @ x
-    if impl == "segment_sum" or nnz <= chunk:
+    if impl == "segment_sum" or nnz <= chunk or num_rows == 0:
         return jax.ops.segment_sum(w[:, None] * x[cols], rows, num_segments=num_rows,
-                                   indices_are_sorted=True)[:, :width]
-    num_chunks = -(-nnz // chunk)
-    pad = num_chunks * chunk - nnz
-    # pad with copies of the last entry at weight 0, so rows stay sorted within every chunk
-    rows, cols, w = (jnp.pad(v, (0, pad), mode="edge").reshape(num_chunks, chunk)
-                     for v in (rows, cols, w))
-    w = w.at[-1, chunk - pad:].set(0)
+                                   indices_are_sorted=True)
+    block = MATMUL_BLOCK
+    per_chunk = max(1, chunk // block)  # blocks per loop step
+    bound = -(-(nnz + (block - 1) * min(num_rows, nnz)) // block)  # >= blocks in use
+    num_chunks = -(-bound // per_chunk)
+    block_row, bcols, bw = (a.reshape(num_chunks, per_chunk, *a.shape[1:]) for a in
+                            _row_blocks(indices, w, num_rows, block, num_chunks * per_chunk))
 
     def body(i, out):
-        return out.at[rows[i]].add(w[i][:, None] * x[cols[i]], indices_are_sorted=True, mode="drop")
+        c, v = bcols[i], bw[i]
+        acc = v[:, 0, None] * x[c[:, 0]]
+        for j in range(1, block):  # one fused loop; a gather then a sum over j is ~10x slower
+            acc = acc + v[:, j, None] * x[c[:, j]]
+        return out.at[block_row[i]].add(acc, indices_are_sorted=True, mode="drop")
 
     # the first chunk seeds the carry, so it has the loop's type (also under shard_map)
     seed = body(0, jnp.zeros((num_rows, x.shape[1]), x.dtype))
-    out = jax.lax.fori_loop(1, num_chunks, body, seed)
-    return out[:, :width]
+    return jax.lax.fori_loop(1, num_chunks, body, seed)
 
 
 def leaves_match(leaves: Sequence[Any], specs: Sequence[jax.ShapeDtypeStruct]) -> bool:

@@ -144,6 +144,66 @@ def test_chunked_matmul_any_chunk_size(chunk):
     np.testing.assert_allclose(got, oracle.normalize(a) @ x, rtol=1e-5, atol=1e-6)
 
 
+def power_law_coo(rng, n=300, hub_degree=250):
+    """Row-sorted COO of a symmetric graph with a hub row, many degree-1 rows and isolated rows."""
+    a = sp.lil_matrix((n, n))
+    for i in range(1, n):  # degree ~ 1 / rank: a long tail of rows with one or two entries
+        for j in rng.integers(0, n, size=max(1, int(40 / i))):
+            a[i, j] = a[j, i] = rng.random() + 0.1
+    hub = rng.choice(np.arange(1, n), size=hub_degree, replace=False)
+    a[5, hub] = 1.0
+    a[hub, 5] = 1.0
+    a[0, :] = a[:, 0] = 0.0  # an isolated row, like the padding item
+    a = sp.csr_matrix(a, dtype=np.float32)
+    a.sort_indices()
+    c = a.tocoo()
+    return a, jnp.asarray(np.stack([c.row, c.col], 1).astype(np.int32)), jnp.asarray(c.data)
+
+
+@pytest.mark.parametrize("d", [1, 16, 32, 48, 64, 128])
+def test_chunked_matmul_power_law_every_width(d):
+    """Blocks of the chunked product: a 250-entry hub row, degree-1 rows, an isolated row and
+    several chunks give scipy's float64 product to float32 precision at narrow and wide d."""
+    rng = np.random.default_rng(d)
+    a, idx, w = power_law_coo(rng)
+    x = rng.standard_normal((a.shape[0], d)).astype(np.float32)
+    want = a.astype(np.float64) @ x.astype(np.float64)
+    for chunk in (64, None):
+        got = np.asarray(jax.jit(lambda i, v, y, c=chunk: sj.operator.sparse_matmul(
+            i, v, y, a.shape[0], "chunked", c))(idx, w, jnp.asarray(x)))
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+        assert np.all(got[0] == 0)
+
+
+def test_chunked_matmul_drops_out_of_range_rows():
+    """Entries with row >= num_rows (sharding's padding, sorted last) change nothing."""
+    rng = np.random.default_rng(1)
+    a, idx, w = power_law_coo(rng, n=60, hub_degree=40)
+    pad = jnp.array([[60, 3], [60, 7], [61, 0]], jnp.int32)
+    idx2 = jnp.concatenate([idx, pad])
+    w2 = jnp.concatenate([w, jnp.array([5.0, 0.0, 2.0])])
+    x = rng.standard_normal((60, 16)).astype(np.float32)
+    got = sj.operator.sparse_matmul(idx2, w2, jnp.asarray(x), 60, "chunked", 32)
+    np.testing.assert_allclose(got, a.astype(np.float64) @ x, rtol=2e-6, atol=1e-5)
+
+
+def test_chunked_matmul_non_finite_row_stays_local():
+    """A non-finite row of x reaches only the rows that have its column (padding slots never
+    carry it elsewhere); isolated rows stay exactly zero."""
+    rng = np.random.default_rng(2)
+    a, idx, w = power_law_coo(rng, n=80, hub_degree=60)
+    x = rng.standard_normal((80, 16)).astype(np.float32)
+    x[7] = np.inf
+    got = np.asarray(sj.operator.sparse_matmul(idx, w, jnp.asarray(x), 80, "chunked", 32))
+    touched = np.asarray(a[:, 7].todense()).ravel() != 0
+    assert not np.isfinite(got[touched]).any()
+    finite = ~touched
+    x0 = np.where(np.isfinite(x), x, 0.0)
+    np.testing.assert_allclose(got[finite], (a.astype(np.float64) @ x0)[finite], rtol=2e-6,
+                               atol=1e-5)
+    assert np.all(got[0] == 0)
+
+
 def test_matmul_unknown_impl():
     g = sj.as_normalized_graph(random_graph(np.random.default_rng(0), 5))
     with pytest.raises(ValueError, match="impl must be one of"):
