@@ -291,6 +291,9 @@ class SASRec(nn.Module):
     default is kept because every result in RESULTS.md was trained with it and the two differ by
     less than the seed noise on the synthetic set (validation NDCG@10, RESULTS.md "SASRec:
     padding keys").
+
+    ``dropout_bits``: random bits per dropout decision (:func:`dropout_keep`); 32 (the default
+    here) draws flax's masks, 16 draws other masks faster (``sevo-train``'s default).
     """
 
     num_items: int
@@ -702,6 +705,7 @@ class BERT4Rec(nn.Module):
     normal clipped to +-0.02 (:func:`clamped_xavier_normal`), attention in-projections PyTorch's
     Xavier uniform, biases 0. Training is cloze (:func:`cloze_loss`); a user is scored by
     appending ``mask_id`` to the sequence and reading the logits of that last position.
+    Dropout masks take ``dropout_bits`` random bits per decision (:func:`dropout_keep`).
 
     SEvo (reference ``marked_params``): the item table and ``W`` are smoothed, each on its own,
     by the co-occurrence graph with two isolated nodes (padding and mask token); ``b`` is not.
@@ -902,7 +906,8 @@ class STOSA(nn.Module):
     assigns each layer's new means to a misspelt variable, so every layer receives the
     embedding means ``M`` and the output means are ``M`` itself; only the covariances go through
     the layers. ``update_means=True`` passes the means through the layers too (not what the
-    published numbers were trained with).
+    published numbers were trained with). Dropout masks take ``dropout_bits`` random bits per
+    decision (:func:`dropout_keep`).
 
     ``__call__`` returns ``concat([means, covariances], -1)``, ``(B, T, 2d)``, so that the
     trainer can slice the last position like SASRec's hidden states.
