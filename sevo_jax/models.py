@@ -145,8 +145,9 @@ def _dropout(x: jax.Array, key: jax.Array, rate: float, mask_bits: int = 32) -> 
 
 def attention_with_dropout(mask_bits: int) -> Callable[..., jax.Array]:
     """An ``attention_fn`` for ``nn.MultiHeadDotProductAttention``: Flax's
-    ``dot_product_attention`` (same weights, same rng) with the attention-weight dropout of
-    dropout with stored factors (per example and head: ``broadcast_dropout=False`` only)."""
+    ``dot_product_attention`` (same weights, same rng) whose attention-weight dropout draws
+    :func:`dropout_keep` masks of ``mask_bits`` and keeps the factors for the backward pass,
+    as :class:`Dropout` (per example and head: ``broadcast_dropout=False`` only)."""
 
     def attention(query, key, value, mask=None, dropout_rng=None, dropout_rate=0.0,
                   broadcast_dropout=False, deterministic=False, dtype=None, precision=None):
@@ -188,9 +189,7 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
     batch, out = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
-    size = 1
-    for n in rhs.shape[:k]:
-        size *= n
+    size = math.prod(rhs.shape[:k])
     y = _matmul(lhs.reshape(-1, size), rhs.reshape(size, -1))
     return y.reshape(batch + out)
 
@@ -405,7 +404,7 @@ def _dropped(x, key, rate):
     """Inverted dropout of ``x`` with the mask drawn from ``key`` (identity at rate 0)."""
     if rate == 0.0:
         return x, 1.0
-    scale = jax.random.bernoulli(key, 1.0 - rate, x.shape) / (1.0 - rate)
+    scale = dropout_keep(key, 1.0 - rate, x.shape) / (1.0 - rate)
     return x * scale, scale
 
 

@@ -390,11 +390,16 @@ def cloze_batch(items: np.ndarray, masked: np.ndarray, mask_id: int) -> dict[str
     """The masked items ``where(masked, mask_id, items)`` (``(B, T)``), the flat indices of the
     masked positions and their items, both padded with 0 to a power of two >= 64."""
     index = np.flatnonzero(masked).astype(np.int32)
-    size = max(64, 1 << int(max(index.size, 1) - 1).bit_length())
+    size = _power_of_two_at_least(index.size, 64)
     labels = items.reshape(-1)[index]
     return {"inputs": np.where(masked, mask_id, items).astype(np.int32),
             "cloze_index": np.pad(index, (0, size - index.size)),
             "cloze_labels": np.pad(labels, (0, size - index.size)).astype(np.int32)}
+
+
+def _power_of_two_at_least(n: int, minimum: int) -> int:
+    """The smallest power of two >= ``n`` and >= ``minimum`` (a padded size: few jit shapes)."""
+    return max(minimum, 1 << (max(int(n), 1) - 1).bit_length())
 
 
 _T = TypeVar("_T")
@@ -745,7 +750,7 @@ def padded_rows(csr: sp.csr_matrix, rows: np.ndarray, min_width: int = 8,
     starts, counts = csr.indptr[rows], np.diff(csr.indptr)[rows]
     longest = int(counts.max(initial=0))
     if width is None:
-        width = max(min_width, 1 << (max(longest, 1) - 1).bit_length())
+        width = _power_of_two_at_least(longest, min_width)
     elif longest > width:
         raise ValueError(f"padded_rows: a row holds {longest} ids, more than width {width}")
     cols = np.arange(width)
@@ -764,8 +769,7 @@ def exclusion_width(ds: data_lib.SequenceDataset) -> int:
       >>> exclusion_width(data_lib.synthetic(num_users=20, num_items=30, seq_len=(5, 14)))
       16
     """
-    longest = int(ds.train_lengths().max(initial=0)) + 1
-    return max(8, 1 << (longest - 1).bit_length())
+    return _power_of_two_at_least(int(ds.train_lengths().max(initial=0)) + 1, 8)
 
 
 def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.SequenceDataset,
