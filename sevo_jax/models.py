@@ -808,17 +808,20 @@ def wasserstein_distance(mean1: jax.Array, cov1: jax.Array, mean2: jax.Array, co
 
 
 def wasserstein_distance_matrix(mean1: jax.Array, cov1: jax.Array, mean2: jax.Array,
-                                cov2: jax.Array) -> jax.Array:
-    """:func:`wasserstein_distance` of every row of ``(..., N, d)`` with every row of
-    ``(..., M, d)``, ``(..., N, M)``, through matmuls (no ``N x M x d`` buffer)::
+                                cov2: jax.Array, scale: float = 1.0) -> jax.Array:
+    """``scale`` times :func:`wasserstein_distance` of every row of ``(..., N, d)`` with every
+    row of ``(..., M, d)``, ``(..., N, M)``, as one matmul (no ``N x M x d`` buffer)::
 
-        ||mu1||^2 + ||mu2||^2 - 2 mu1.mu2 + sum(S1) + sum(S2) - 2 sqrt(S1).sqrt(S2)
+        x = sqrt(scale) [mu, sqrt(S)]:   scale W(1, 2) = ||x1||^2 + ||x2||^2 - 2 x1.x2
+
+    The scale is applied to the ``(..., d)`` operands, not to the ``(..., N, M)`` result: XLA:CPU
+    materialises a scalar broadcast of the result's size when it scales a matmul's output.
     """
-    means = (jnp.sum(mean1 ** 2, -1)[..., :, None] + jnp.sum(mean2 ** 2, -1)[..., None, :]
-             - 2 * mean1 @ jnp.swapaxes(mean2, -1, -2))
-    covs = (jnp.sum(cov1, -1)[..., :, None] + jnp.sum(cov2, -1)[..., None, :]
-            - 2 * _root(cov1) @ jnp.swapaxes(_root(cov2), -1, -2))
-    return means + covs
+    root = math.sqrt(scale)
+    x1 = jnp.concatenate([mean1, _root(cov1)], -1) * root
+    x2 = jnp.concatenate([mean2, _root(cov2)], -1) * root
+    return (jnp.sum(x1 * x1, -1)[..., :, None] + jnp.sum(x2 * x2, -1)[..., None, :]
+            - 2 * x1 @ jnp.swapaxes(x2, -1, -2))
 
 
 class _DistFeedForward(nn.Module):
@@ -871,7 +874,7 @@ class STOSALayer(nn.Module):
 
         q, k, v = (project(f"mean_{n}", mean) for n in ("query", "key", "value"))
         sq, sk, sv = (project(f"cov_{n}", cov, True) for n in ("query", "key", "value"))
-        logits = -wasserstein_distance_matrix(q, sq, k, sk) / math.sqrt(head) + mask_bias
+        logits = -wasserstein_distance_matrix(q, sq, k, sk, 1 / math.sqrt(head)) + mask_bias
         probs = Dropout(self.attention_dropout, self.dropout_bits)(
             jax.nn.softmax(logits, -1), deterministic=deterministic)
         norm = LayerNorm(epsilon=1e-12, name="attention_norm")

@@ -87,6 +87,7 @@ class TrainConfig:
     dropout_bits: int | None = None  # SASRec, BERT4Rec, STOSA: random bits per dropout decision
     mask_prob: float | None = None  # BERT4Rec's cloze masking probability
     pvn_weight: float | None = None  # STOSA's positive-vs-negative term
+    length_bucket: int | None = None  # trim batches' leading padding to a multiple of this
     lr_decay_factor: float = 1.0  # lr *= factor every lr_decay_every epochs (BERT4Rec's StepLR)
     lr_decay_every: int = 25
     seed: int = 0
@@ -123,6 +124,9 @@ class TrainConfig:
         if self.model in SEQUENCE_MODELS and self.features % heads:
             raise ConfigError("features", f"{self.features} must be a multiple of num_heads "
                               f"{heads} (each head gets features / num_heads)")
+        if self.length_bucket is not None and self.model == "mfbpr":
+            raise ConfigError("length_bucket", "applies to sequence models; mfbpr has no "
+                              "sequences")
         if self.mesh is not None:
             _, size = sharding_lib.parse_mesh_spec(self.mesh)
             if self.batch_size is not None and self.batch_size % size:
@@ -154,6 +158,8 @@ class TrainConfig:
 # GRU4Rec on MovieLens follow spec §4 (the values RESULTS.md's MovieLens runs used). MF-BPR has
 # the Beauty values on MovieLens too, and beta 0.99 on the user-item graph and
 # ``MFBPR_ITEM_GRAPH_BETA`` on an item graph (``MF-BPR/item-item/AmazonBeauty_550_Chron.yaml``).
+# ``length_bucket`` is not the reference's: it sets batch shapes, not the model
+# (``Examples.epoch_batches``).
 MODEL_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
     "sasrec": {"epochs": (200, 200), "batch_size": (512, 128), "maxlen": (50, 200),
                "dropout": (0.3, 0.1), "lr": (1e-3, 1e-3), "weight_decay": (0.1, 0.1),
@@ -171,7 +177,7 @@ MODEL_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
               "dropout": (0.2, 0.1), "attention_dropout": (0.5, 0.2), "lr": (1e-3, 5e-3),
               "weight_decay": (0.1, 0.1), "b2": (0.999, 0.999), "beta": (0.99, 0.99),
               "num_blocks": (1, 1), "num_heads": (4, 4), "pvn_weight": (0.005, 0.001),
-              "dropout_bits": (16, 16)},
+              "dropout_bits": (16, 16), "length_bucket": (10, 20)},
     "mfbpr": {"epochs": (1000, 1000), "batch_size": (2048, 2048), "maxlen": (50, 50),
               "dropout": (0.0, 0.0), "lr": (1e-3, 1e-3), "weight_decay": (0.1, 0.1),
               "b2": (0.98, 0.98), "beta": (0.99, 0.99)},
@@ -254,6 +260,7 @@ _FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "attention_dropout": _number(0, 1, optional=True),
     "dropout_bits": lambda v: None if v in (None, 16, 32) else "must be 16 or 32",
     "mask_prob": _number(0, 1, low_open=True, optional=True),
+    "length_bucket": _integer(1, optional=True),
     "pvn_weight": _number(0, optional=True), "lr_decay_factor": _number(0, low_open=True),
     "lr_decay_every": _integer(1), "seed": _integer(0), "eval_every": _integer(1),
     "patience": _integer(1, optional=True), "eval_batch_size": _integer(1), "kcore": _integer(0),
@@ -343,6 +350,7 @@ class Examples:
     target_key: str                 # the array whose items get negatives (or are masked)
     mask_prob: float | None = None  # cloze: mask each item of target_key with this probability
     mask_id: int = 0                # ... replacing it by this id
+    length_bucket: int | None = None  # trim each batch's leading padding columns (see below)
 
     def __len__(self) -> int:
         return self.users.shape[0]
@@ -360,6 +368,12 @@ class Examples:
         probability ``mask_prob`` (replaced by ``mask_id``); ``cloze_index`` holds the flat
         indices of the masked positions in the batch's ``(B, T)`` and ``cloze_labels`` their
         items, both padded with 0 to a power of two >= 64 (few distinct shapes under jit).
+
+        ``length_bucket``: the 2-D arrays (``(B, T)``, left-padded) drop their leading columns
+        that are padding in every example of the batch, keeping the smallest multiple of
+        ``length_bucket`` (at most ``T``) that holds every item. Models with right-aligned
+        positions and masked padding keys compute the same hidden states for the items; only
+        the dropout masks, drawn per shape, differ.
         """
         order = rng.permutation(len(self))
         targets = self.arrays[self.target_key]
@@ -378,12 +392,34 @@ class Examples:
             if pad:
                 batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
                          for k, v in batch.items()}
+            if self.length_bucket is not None:
+                batch = trimmed_padding(batch, self.length_bucket,
+                                        ("inputs", self.target_key))
             if self.mask_prob is not None:
                 items = batch[self.target_key]
                 masked = np.zeros(items.shape, bool)
-                masked[:idx.size] = draws[idx] & (items[:idx.size] != 0)
+                kept = draws[idx][:, targets.shape[1] - items.shape[1]:]  # trimmed columns
+                masked[:idx.size] = kept & (items[:idx.size] != 0)
                 batch.update(cloze_batch(items, masked, self.mask_id))
             yield batch
+
+
+def trimmed_padding(batch: dict[str, np.ndarray], bucket: int,
+                    keys: tuple[str, ...] = ("inputs",)) -> dict[str, np.ndarray]:
+    """``batch`` with the leading columns of its ``(B, T)`` arrays dropped where the ``keys``
+    arrays are 0 in every row, keeping ``min(T, bucket * ceil(width / bucket))`` columns (at
+    least ``bucket``); ``width`` counts the columns from the first non-zero one of ``keys`` on.
+    (Other ``(B, T)`` arrays, such as negatives, are sliced alike but not looked at.)"""
+    wide = [batch[k] for k in keys if k in batch and batch[k].ndim == 2]
+    if not wide:
+        return batch
+    length = wide[0].shape[1]
+    used = np.zeros(length, bool)
+    for v in wide:
+        used |= (v != 0).any(axis=0)
+    width = length - int(np.argmax(used)) if used.any() else 0
+    keep = min(length, bucket * max(1, -(-width // bucket)))
+    return {k: v[:, length - keep:] if v.ndim == 2 else v for k, v in batch.items()}
 
 
 def cloze_batch(items: np.ndarray, masked: np.ndarray, mask_id: int) -> dict[str, np.ndarray]:
@@ -428,17 +464,19 @@ def training_examples(config: TrainConfig, ds: data_lib.SequenceDataset) -> Exam
     if config.model == "bert4rec":
         inputs = left_padded(items, starts, ends, maxlen)
         return Examples({"inputs": inputs}, np.arange(ds.num_users), "inputs",
-                        mask_prob=config.mask_prob, mask_id=ds.num_items + 1)
+                        mask_prob=config.mask_prob, mask_id=ds.num_items + 1,
+                        length_bucket=config.length_bucket)
     if config.model in ("sasrec", "stosa"):
         inputs = left_padded(items, starts, ends - 1, maxlen)
         targets = left_padded(items, starts + 1, ends, maxlen)
-        return Examples({"inputs": inputs, "targets": targets}, np.arange(ds.num_users), "targets")
+        return Examples({"inputs": inputs, "targets": targets}, np.arange(ds.num_users), "targets",
+                        length_bucket=config.length_bucket)
     if config.model == "gru4rec":
         user_of = np.repeat(np.arange(ds.num_users), np.diff(offsets))
         k = np.flatnonzero(np.arange(items.size) > starts[user_of])
         inputs = left_padded(items, starts[user_of[k]], k, maxlen)
         return Examples({"inputs": inputs, "targets": items[k].astype(np.int32)}, user_of[k],
-                        "targets")
+                        "targets", length_bucket=config.length_bucket)
     users, pair_items = ds.train_pairs()
     return Examples({"users": users.astype(np.int32), "targets": pair_items.astype(np.int32)},
                     users, "targets")
@@ -850,7 +888,7 @@ def resume_conflicts(saved_config: dict, new_config: dict,
     (``SequenceDataset.fingerprint()``). Returns one short phrase per conflict (empty: it may
     resume). A field missing from an older checkpoint counts as the value the code that wrote
     it used: ``dropout_bits`` 32 for SASRec, BERT4Rec and STOSA, else the ``TrainConfig``
-    default.
+    default. A ``length_bucket`` of ``maxlen`` or more equals None (no batch is trimmed).
     Fields in ``RESUME_HARMLESS`` may differ, except ``epochs`` below ``epochs_done`` (the
     recorded config would then disagree with the epochs run) and a changed data content.
     """
@@ -858,6 +896,11 @@ def resume_conflicts(saved_config: dict, new_config: dict,
     if saved_config.get("model") in SEQUENCE_MODELS:  # written before 16-bit dropout masks
         defaults["dropout_bits"] = 32
     saved = defaults | saved_config
+    new_config = dict(new_config)
+    for config in (saved, new_config):  # a bucket of maxlen or more never trims: same as None
+        bucket, maxlen = config.get("length_bucket"), config.get("maxlen")
+        if bucket is not None and maxlen is not None and bucket >= maxlen:
+            config["length_bucket"] = None
     conflicts = [f"{k} is {saved.get(k)!r} in the checkpoint, {new_config.get(k)!r} now"
                  for k in sorted(saved.keys() | new_config.keys())
                  if k not in RESUME_HARMLESS and k != DATA_FINGERPRINT

@@ -549,6 +549,8 @@ def test_wasserstein_distance_hand_computed():
     ca, cb = rng.uniform(0.1, 2, size=(2, 3, 4)), rng.uniform(0.1, 2, size=(2, 5, 4))
     pairwise = wasserstein_distance(a[:, :, None], ca[:, :, None], b[:, None], cb[:, None])
     np.testing.assert_allclose(wasserstein_distance_matrix(a, ca, b, cb), pairwise, rtol=1e-5)
+    np.testing.assert_allclose(wasserstein_distance_matrix(a, ca, b, cb, scale=0.25),
+                               0.25 * pairwise, rtol=1e-5)
 
 
 def test_stosa_loss_hand_computed():

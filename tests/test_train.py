@@ -62,6 +62,7 @@ BAD_VALUES = {
     "eval_every": 0, "patience": 0, "eval_batch_size": 0, "kcore": -1, "keep_duplicates": "yes",
     "cache_dir": 3, "out": "", "progress": None, "mesh": 8, "attention_dropout": 1.0,
     "mask_prob": -0.1, "pvn_weight": -1.0, "lr_decay_factor": 0.0, "lr_decay_every": 0,
+    "length_bucket": 0,
     "dropout_bits": 8, "compile_cache": "yes",
 }
 
@@ -96,6 +97,7 @@ def test_validate_walks_every_config_field():
         ("--num-layers", "-1", "--num-layers must be an integer >= 0"),
         ("--H", "0", "--H must be a positive integer"),
         ("--eval-batch-size", "0", "--eval-batch-size must be a positive integer"),
+        ("--length-bucket", "0", "--length-bucket must be a positive integer"),
     ],
 )
 def test_bad_numbers_name_the_flag_before_the_data_is_read(capsys, tmp_path, flag, value, expected):
@@ -104,6 +106,11 @@ def test_bad_numbers_name_the_flag_before_the_data_is_read(capsys, tmp_path, fla
            expected)
     assert not (tmp_path / "o").exists()
 
+
+def test_length_bucket_needs_a_sequence_model(capsys, tmp_path):
+    _fails(capsys, ["--model", "mfbpr", "--length-bucket", "5", "--out", tmp_path / "o"],
+           "--length-bucket applies to sequence models; mfbpr has no sequences")
+    assert not (tmp_path / "o").exists()
 
 def test_no_training_example_is_an_error(capsys, tmp_path):
     path = tmp_path / "three.csv"  # every user has 3 interactions: one to train on
@@ -284,6 +291,17 @@ def test_resume_of_a_checkpoint_from_before_dropout_bits_keeps_its_32_bit_masks(
     assert training.resume_conflicts({k: v for k, v in mfbpr.items() if k != "dropout_bits"},
                                      mfbpr) == []
 
+
+
+def test_resume_of_a_stosa_checkpoint_from_before_length_buckets():
+    """Such a checkpoint trained full-width batches: it resumes with a bucket of its maxlen
+    (which never trims), not with the new default."""
+    new = dataclasses.asdict(training.TrainConfig(model="stosa").resolved())
+    assert new["length_bucket"] == 10 and new["maxlen"] == 100
+    older = {k: v for k, v in new.items() if k not in ("length_bucket", "dropout_bits")}
+    (why,) = training.resume_conflicts(older, dict(new, dropout_bits=32))
+    assert why == "length_bucket is None in the checkpoint, 10 now"
+    assert training.resume_conflicts(older, dict(new, dropout_bits=32, length_bucket=100)) == []
 
 # ---- item 8: errors name their subject ---------------------------------------------------------
 

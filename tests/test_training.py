@@ -482,6 +482,50 @@ def test_cloze_batches_mask_items_only(small_ds):
     assert masked_total / items_total == pytest.approx(cfg.mask_prob, abs=0.05)
 
 
+
+def test_trimmed_padding_keeps_a_bucket_multiple_of_the_used_columns():
+    batch = {"inputs": np.array([[0, 0, 0, 0, 0, 3, 4], [0, 0, 0, 0, 0, 0, 5]]),
+             "targets": np.array([[0, 0, 0, 0, 0, 4, 6], [0, 0, 0, 0, 0, 0, 7]]),
+             "negatives": np.arange(14).reshape(2, 7), "users": np.array([1, 2])}
+    got = training.trimmed_padding(batch, 3, ("inputs", "targets"))
+    np.testing.assert_array_equal(got["inputs"], batch["inputs"][:, 4:])  # 2 used -> 3 kept
+    np.testing.assert_array_equal(got["targets"], batch["targets"][:, 4:])
+    np.testing.assert_array_equal(got["negatives"], batch["negatives"][:, 4:])  # not looked at
+    assert got["users"] is batch["users"]
+    assert training.trimmed_padding(batch, 5)["inputs"].shape == (2, 5)
+    assert training.trimmed_padding(batch, 6)["inputs"].shape == (2, 6)
+    assert training.trimmed_padding(batch, 4)["inputs"].shape == (2, 4)
+    assert training.trimmed_padding(batch, 100)["inputs"].shape == (2, 7)  # at most T
+    empty = {"inputs": np.zeros((2, 7), int)}
+    assert training.trimmed_padding(empty, 3)["inputs"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("model", ["sasrec", "gru4rec", "bert4rec", "stosa"])
+def test_length_buckets_change_batch_shapes_not_the_loss(small_ds, model):
+    """Without dropout, every batch's loss is the same trimmed (length_bucket 4) as at full
+    width: right-aligned positions and masked padding keys. Batches get narrower."""
+    cfg = training.TrainConfig(model=model, dropout=0.0, optimizer="adamw",
+                               **(SMALL | {"maxlen": 24, "batch_size": 16})).resolved()
+    if model in ("bert4rec", "stosa"):
+        cfg = dataclasses.replace(cfg, attention_dropout=0.0, num_heads=2)
+    full = dataclasses.replace(cfg, length_bucket=None)
+    trim = dataclasses.replace(cfg, length_bucket=4)
+    model_, _, params, _ = training.init_training(full, small_ds)
+    loss = jax.jit(training.make_loss_fn(full, model_))
+    key = jax.random.PRNGKey(0)
+    sampler = training.NegativeSampler(small_ds)
+    widths = []
+    for a, b in zip(
+            training.training_examples(full, small_ds).epoch_batches(
+                sampler, 16, np.random.default_rng(3)),
+            training.training_examples(trim, small_ds).epoch_batches(
+                sampler, 16, np.random.default_rng(3)), strict=True):
+        widths.append(b["inputs"].shape[1])
+        assert a["inputs"].shape[1] == 24 and widths[-1] % 4 == 0
+        np.testing.assert_allclose(float(loss(params, b, key)), float(loss(params, a, key)),
+                                   rtol=2e-6)
+    assert max(widths) < 24
+
 @pytest.mark.parametrize("model", ["bert4rec", "stosa"])
 def test_scorer_ranks_as_the_reference(small_ds, model):
     """BERT4Rec ranks the logits at an appended mask token (after the last maxlen - 1 items);
