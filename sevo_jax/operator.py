@@ -50,9 +50,11 @@ __all__ = [
     "MATMUL_BLOCK",
     "MATMUL_CHUNK",
     "MATMUL_IMPLS",
+    "MAX_CHUNK_BLOCKS",
     "GraphOperator",
     "NormalizedGraph",
     "as_normalized_graph",
+    "blocked_coo",
     "cache_tag",
     "check_fingerprint",
     "check_impl",
@@ -67,6 +69,7 @@ MATMUL_IMPLS = ("chunked", "segment_sum", "bcoo")
 MATMUL_CHUNK: int | None = None  # non-zero slots per loop step of "chunked"; None: by width
 MATMUL_CHUNK_BYTES = 1 << 20  # the rows one loop step gathers, when MATMUL_CHUNK is None
 MATMUL_BLOCK = 8  # slots of one row that "chunked" sums in registers (4 and 16: slower)
+MAX_CHUNK_BLOCKS = 4096  # blocks per loop step of "chunked" at most (a power of two)
 
 RowwiseFn = Callable[..., jax.Array]  # (matmul, x, *operands) -> y, row-wise except through matmul
 
@@ -232,8 +235,51 @@ def _row_blocks(indices: jax.Array, weights: jax.Array, num_rows: int, block: in
     return block_row, cols[src], jnp.where(valid, weights[src], 0)
 
 
+def blocked_coo(indices: np.ndarray, weights: np.ndarray, num_rows: int,
+                block: int = MATMUL_BLOCK) -> tuple[np.ndarray, np.ndarray, int]:
+    """``_row_blocks`` on the host, once per graph: a row-sorted COO (rows in range) rewritten
+    as blocks of ``block`` consecutive slots, each in one row, that ``sparse_matmul(...,
+    blocked=(block, used))`` reads without regrouping.
+
+    Returns ``(indices, weights, used)``: still a row-sorted COO of the same matrix (the slots
+    past a row's last entry repeat its first entry with weight 0), of ``total * block`` slots
+    where ``total`` is the ``used`` blocks rounded up to a power of two, or to a multiple of
+    ``MAX_CHUNK_BLOCKS`` from there on (the padding blocks repeat the last entry with weight 0),
+    so that any power-of-two number of blocks per loop step up to that divides it. Padding only
+    repeats entries with weight 0: a non-finite ``x[col]`` reaches no row that lacks ``col``.
+
+    Examples:
+      >>> idx = np.array([[0, 1], [1, 0], [1, 1]], np.int32)
+      >>> i, w, used = blocked_coo(idx, np.array([2.0, 3.0, 4.0], np.float32), 2, block=2)
+      >>> i.tolist(), w.tolist(), used
+      ([[0, 1], [0, 1], [1, 0], [1, 1]], [2.0, 0.0, 3.0, 4.0], 2)
+    """
+    rows = np.asarray(indices[:, 0], np.int64)
+    degree = np.bincount(rows, minlength=num_rows)
+    row_blocks = -(-degree // block)
+    used = int(row_blocks.sum())
+    total = (1 << max(used - 1, 0).bit_length() if used <= MAX_CHUNK_BLOCKS
+             else -(-used // MAX_CHUNK_BLOCKS) * MAX_CHUNK_BLOCKS)
+    total = total if used else 0
+    block_row = np.repeat(np.arange(num_rows), row_blocks)
+    entry_start = np.cumsum(degree) - degree
+    block_start = np.cumsum(row_blocks) - row_blocks
+    first = entry_start[block_row] + (np.arange(used) - block_start[block_row]) * block
+    src = first[:, None] + np.arange(block)
+    valid = src < (entry_start + degree)[block_row][:, None]
+    src = np.where(valid, src, entry_start[block_row][:, None])
+    out_indices = np.zeros((total, block, 2), np.int32)
+    out_indices[:used, :, 0] = block_row[:, None]
+    out_indices[:used, :, 1] = indices[src, 1]
+    out_indices[used:] = indices[-1] if used else 0  # weight 0 on an entry that exists
+    out_weights = np.zeros((total, block), np.float32)
+    out_weights[:used] = np.where(valid, weights[src], 0)
+    return out_indices.reshape(-1, 2), out_weights.reshape(-1), used
+
+
 def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows: int,
-                  impl: str | None = None, chunk: int | None = None) -> jax.Array:
+                  impl: str | None = None, chunk: int | None = None,
+                  blocked: tuple[int, int] | None = None) -> jax.Array:
     """``S @ x`` for the (num_rows x x.shape[0]) sparse ``S`` in row-sorted COO, in ``x.dtype``.
 
     ``(S @ x)[r] = sum_k weights[k] x[indices[k, 1]]`` over the entries ``k`` with
@@ -242,13 +288,14 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
     * ``"segment_sum"``: gather every ``x[col]``, scale, sorted segment sum (one parallel
       pass; the GPU default);
     * ``"chunked"`` (the CPU default): each row's entries regrouped into blocks of
-      ``MATMUL_BLOCK`` (8) slots, padded with zero weights (``_row_blocks``, computed once per
-      call); a ``fori_loop`` then walks ``chunk`` slots at a time, sums each block's scaled
-      rows ``x[col]`` in registers (``MATMUL_BLOCK`` gathers and multiply-adds, one fused
-      loop) and scatter-adds the block sums into their rows, so the (nnz, d) message buffer
-      never exists and the scatter sees one update per block, not per non-zero
-      (0.44-0.87x scipy's CSR time at d = 64-128 from 1M non-zeros up; d = 16 and
-      100k-non-zero graphs are still slower than scipy: BENCHMARKS.md);
+      ``MATMUL_BLOCK`` (8) slots, padded with zero weights (``_row_blocks``, computed in the
+      call, or ``blocked_coo``'s once per graph: ``blocked=(block, used blocks)``, as
+      ``NormalizedGraph`` does on CPU); a ``fori_loop`` then walks ``chunk`` slots at a
+      time, sums each block's scaled rows ``x[col]`` in registers (``MATMUL_BLOCK`` gathers
+      and multiply-adds, one fused loop) and scatter-adds the block sums into their rows, so
+      the (nnz, d) message buffer never exists and the scatter sees one update per block, not
+      per non-zero (with the blocks built once per graph, 0.43-0.90x scipy's CSR time for
+      psi at d = 16-128 and 100k-4M non-zeros: BENCHMARKS.md);
     * ``"bcoo"``: ``jax.experimental.sparse.BCOO @ x``.
 
     Rows must be non-decreasing (``"chunked"`` groups each row's entries by position and
@@ -281,12 +328,21 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
     if impl == "segment_sum" or nnz <= chunk or num_rows == 0:
         return jax.ops.segment_sum(w[:, None] * x[cols], rows, num_segments=num_rows,
                                    indices_are_sorted=True)
-    block = MATMUL_BLOCK
-    per_chunk = max(1, chunk // block)  # blocks per loop step
-    bound = -(-(nnz + (block - 1) * min(num_rows, nnz)) // block)  # >= blocks in use
-    num_chunks = -(-bound // per_chunk)
-    block_row, bcols, bw = (a.reshape(num_chunks, per_chunk, *a.shape[1:]) for a in
-                            _row_blocks(indices, w, num_rows, block, num_chunks * per_chunk))
+    if blocked is not None:  # blocked_coo's layout: reshapes, no regrouping
+        block, used = blocked
+        total = nnz // block
+        per_chunk = min(1 << (max(1, chunk // block).bit_length() - 1), MAX_CHUNK_BLOCKS,
+                        total)  # a power of two that divides total
+        num_chunks = -(-used // per_chunk)
+        block_row = rows[::block].reshape(-1, per_chunk)
+        bcols, bw = (a.reshape(-1, per_chunk, block) for a in (cols, w))
+    else:
+        block = MATMUL_BLOCK
+        per_chunk = max(1, chunk // block)  # blocks per loop step
+        bound = -(-(nnz + (block - 1) * min(num_rows, nnz)) // block)  # >= blocks in use
+        num_chunks = -(-bound // per_chunk)
+        block_row, bcols, bw = (a.reshape(num_chunks, per_chunk, *a.shape[1:]) for a in
+                                _row_blocks(indices, w, num_rows, block, num_chunks * per_chunk))
 
     def body(i, out):
         c, v = bcols[i], bw[i]
@@ -317,18 +373,27 @@ def leaves_match(leaves: Sequence[Any], specs: Sequence[jax.ShapeDtypeStruct]) -
 
 
 class HostCOO:
-    """The host (numpy) copy of a normalised graph: row-sorted COO, its fingerprint and tag.
+    """The host (numpy) copy of a normalised graph: row-sorted COO, its fingerprint and tag,
+    and the COO the device leaves hold: the same, or ``blocked_coo``'s (``blocked``: then
+    ``self.blocked`` is ``(block, used blocks)`` for ``sparse_matmul``, else None).
 
     Compared and hashed by fingerprint, so that it can sit in a pytree's static data.
     """
 
-    def __init__(self, indices: np.ndarray, weights: np.ndarray, num_nodes: int):
+    def __init__(self, indices: np.ndarray, weights: np.ndarray, num_nodes: int,
+                 blocked: bool = False):
         self.indices = np.ascontiguousarray(indices, np.int32)
         self.weights = np.ascontiguousarray(weights, np.float32)
         self.num_nodes = int(num_nodes)
         self.fingerprint = fingerprint_arrays(self.indices, self.weights,
                                               extra=f"coo{self.num_nodes}")
         self.tag = cache_tag(self.fingerprint)
+        self.leaf_indices, self.leaf_weights = self.indices, self.weights
+        self.blocked: tuple[int, int] | None = None
+        if blocked and self.weights.size:
+            self.leaf_indices, self.leaf_weights, used = blocked_coo(
+                self.indices, self.weights, self.num_nodes)
+            self.blocked = (MATMUL_BLOCK, used)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HostCOO) and other.fingerprint == self.fingerprint
@@ -337,20 +402,22 @@ class HostCOO:
         return hash(self.fingerprint)
 
     def specs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
-        return (jax.ShapeDtypeStruct(self.indices.shape, jnp.int32),
-                jax.ShapeDtypeStruct(self.weights.shape, jnp.float32),
+        return (jax.ShapeDtypeStruct(self.leaf_indices.shape, jnp.int32),
+                jax.ShapeDtypeStruct(self.leaf_weights.shape, jnp.float32),
                 jax.ShapeDtypeStruct((), jnp.int32))
 
     def numpy_leaves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.indices, self.weights, np.asarray(self.tag, np.int32)
+        return self.leaf_indices, self.leaf_weights, np.asarray(self.tag, np.int32)
 
 
 @jax.tree_util.register_pytree_with_keys_class
 class NormalizedGraph(GraphOperator):
     """``Ã = D^-1/2 A D^-1/2`` in row-sorted COO form on one device: the local operator.
 
-    Leaves: ``indices`` (nnz, 2) int32 ``(row, col)``, ``weights`` (nnz,) float32 and ``tag``
-    (int32 scalar, ``cache_tag(fingerprint)`` when intact). Static: the host copy (module
+    Leaves: ``indices`` (slots, 2) int32 ``(row, col)``, ``weights`` (slots,) float32 and ``tag``
+    (int32 scalar, ``cache_tag(fingerprint)`` when intact): on CPU, where ``"chunked"`` is the
+    default product, the slots are ``blocked_coo``'s (the entries regrouped once, padded with
+    zero weights), elsewhere the ``nnz`` entries themselves. Static: the host copy (module
     docstring). Build it with ``as_normalized_graph`` (raw adjacency) or ``from_scipy``
     (already normalised).
 
@@ -383,7 +450,9 @@ class NormalizedGraph(GraphOperator):
         if csr.shape[0] >= 2**31:
             raise ValueError(f"{csr.shape[0]} nodes do not fit int32 indices")
         indices = np.stack([rows, csr.indices.astype(rows.dtype)], axis=1)
-        return cls(HostCOO(indices, csr.data, csr.shape[0]), None, None, None).fresh()
+        host = HostCOO(indices, csr.data, csr.shape[0],
+                       blocked=default_matmul_impl() == "chunked")
+        return cls(host, None, None, None).fresh()
 
     def to_scipy(self) -> sp.csr_matrix:
         """``Ã`` as a float64 scipy CSR matrix (from the host copy).
@@ -417,7 +486,8 @@ class NormalizedGraph(GraphOperator):
           Array([[3.],
                  [3.]], dtype=float32)
         """
-        return sparse_matmul(self.indices, self.weights, y, self.num_nodes, impl)
+        return sparse_matmul(self.indices, self.weights, y, self.num_nodes, impl,
+                             blocked=self.host.blocked)
 
     def apply(self, fn: RowwiseFn, tables: Sequence[jax.Array], *, impl: str | None = None,
               operands: Sequence[Any] = ()) -> list[jax.Array]:
@@ -463,8 +533,8 @@ class NormalizedGraph(GraphOperator):
         """``jax.ShapeDtypeStruct`` leaves: the structure of a state without device memory.
 
         Examples:
-          >>> as_normalized_graph(np.ones((2, 2))).abstract().weights
-          ShapeDtypeStruct(shape=(4,), dtype=float32)
+          >>> as_normalized_graph(np.ones((2, 2))).abstract().tag
+          ShapeDtypeStruct(shape=(), dtype=int32)
         """
         return NormalizedGraph(self.host, *self.host.specs())
 

@@ -175,6 +175,49 @@ def test_chunked_matmul_power_law_every_width(d):
         assert np.all(got[0] == 0)
 
 
+@pytest.mark.parametrize("n,hub", [(60, 40), (300, 250), (5000, 30)])
+def test_blocked_coo_is_the_same_matrix_in_whole_blocks(n, hub):
+    """Host-side blocks (once per graph): the same matrix, every block in one row, a power of
+    two (or a multiple of MAX_CHUNK_BLOCKS) of them; the chunked product reading them equals
+    scipy's at every chunk size and width, inf in x included."""
+    rng = np.random.default_rng(n)
+    a, idx, w = power_law_coo(rng, n=n, hub_degree=hub)
+    bi, bw, used = sj.operator.blocked_coo(np.asarray(idx), np.asarray(w), n)
+    block = sj.operator.MATMUL_BLOCK
+    total = bw.size // block
+    assert bw.size % block == 0 and used <= total
+    assert total & (total - 1) == 0 or total % sj.operator.MAX_CHUNK_BLOCKS == 0
+    assert (np.diff(bi[:, 0]) >= 0).all()  # still row-sorted
+    assert (bi[:, 0].reshape(total, block) == bi[::block, 0, None]).all()  # a block, a row
+    same = sp.csr_matrix((bw, (bi[:, 0], bi[:, 1])), shape=(n, n))
+    assert abs(same - a).max() == 0
+    x = rng.standard_normal((n, 16)).astype(np.float32)
+    x[int(bi[-1, 1])] = np.inf  # the column the padding repeats
+    touched = np.asarray((a != 0)[:, int(bi[-1, 1])].todense()).ravel()
+    x0 = np.where(np.isfinite(x), x, 0.0)
+    want = a.astype(np.float64) @ x0
+    for d, chunk in [(16, 8), (16, 100), (16, None), (3, None), (128, 64)]:
+        y = x[:, :d]
+        got = np.asarray(sj.operator.sparse_matmul(jnp.asarray(bi), jnp.asarray(bw),
+                                                   jnp.asarray(y), n, "chunked", chunk,
+                                                   blocked=(block, used)))
+        assert not np.isfinite(got[touched]).any()
+        np.testing.assert_allclose(got[~touched], want[~touched, :d], rtol=2e-6,
+                                   atol=2e-6 * np.abs(want).max())
+
+
+def test_normalized_graph_on_cpu_holds_blocks():
+    rng = np.random.default_rng(3)
+    a = random_graph(rng, 40)
+    g = sj.as_normalized_graph(a)
+    assert g.host.blocked is not None and g.weights.shape[0] % sj.operator.MATMUL_BLOCK == 0
+    assert g.nnz == sp.csr_matrix(a).nnz
+    np.testing.assert_allclose(g.to_scipy().toarray(), oracle.normalize(a), rtol=1e-6)
+    x = rng.standard_normal((40, 5)).astype(np.float32)
+    for impl in sj.operator.MATMUL_IMPLS:  # every product reads the blocked leaves
+        np.testing.assert_allclose(g.matmul(jnp.asarray(x), impl=impl), oracle.normalize(a) @ x,
+                                   rtol=1e-5, atol=1e-6)
+
 def test_chunked_matmul_drops_out_of_range_rows():
     """Entries with row >= num_rows (sharding's padding, sorted last) change nothing."""
     rng = np.random.default_rng(1)
