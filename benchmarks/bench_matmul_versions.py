@@ -48,6 +48,8 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=0,
                    help="0: one product A @ X; L > 0: psi's recursion with L products")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--compile", action="store_true",
+                   help="also time XLA's compile of each version (CPU s, 3 rounds, fresh jits)")
     p.add_argument("--cpu", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     args = p.parse_args(argv)
@@ -80,6 +82,7 @@ def main(argv=None) -> None:
     print("| graph | nnz | d | scipy CSR | before | now | before / scipy | now / scipy "
           "| now / before |")
     print("|---|---|---|---|---|---|---|---|---|")
+    compiles: list[str] = []
     for kind, nnz in ((k, m) for k in args.graphs for m in args.nnz):
         n = nnz // 20
         if kind == "random":
@@ -132,6 +135,19 @@ def main(argv=None) -> None:
             ref = scipy_product()
             f_before, f_now = jitted(before), jitted(now)
             args_before, args_now = (operands(m)[0] + (xj,) for m in (before, now))
+            if args.compile:
+                spent: dict[str, list[float]] = {"before": [], "now": []}
+                for r in range(3):
+                    pairs = [("before", before, args_before), ("now", now, args_now)]
+                    for name, mod, a_ in (pairs if r % 2 == 0 else pairs[::-1]):
+                        lowered = jitted(mod).lower(*a_)
+                        t = time.process_time()
+                        lowered.compile()
+                        spent[name].append(time.process_time() - t)
+                compiles.append(f"| {kind} | {a.nnz:,} | {d} | "
+                                f"{np.median(spent['before']):.2f} s | "
+                                f"{np.median(spent['now']):.2f} s | "
+                                f"{np.median(spent['now']) / np.median(spent['before']):.2f} |")
             fns = {"scipy": scipy_product,
                    "before": lambda f=f_before, g=args_before: f(*g).block_until_ready(),
                    "now": lambda f=f_now, g=args_now: f(*g).block_until_ready()}
@@ -151,6 +167,10 @@ def main(argv=None) -> None:
                   f"| {_util.fmt_s(float(np.median(b)))} | {_util.fmt_s(float(np.median(c)))} "
                   f"| {np.median(b / s):.2f} | {np.median(c / s):.2f} | {np.median(c / b):.2f} |",
                   flush=True)
+    if compiles:
+        print("\nXLA compile (CPU s, median of 3, fresh jits)")
+        print("| graph | nnz | d | before | now | now / before |\n|---|---|---|---|---|---|")
+        print("\n".join(compiles))
     print("load average at the end:", os.getloadavg())
 
 

@@ -1,6 +1,7 @@
 """Seconds per training epoch (and per full-ranking evaluation) of a model on a data set.
 
-Times ``--steps`` jitted train steps after a warm-up step and extrapolates to one epoch
+Times the first ``--steps`` jitted train steps of an epoch, after one warm-up step per
+distinct batch shape (length buckets give several), and extrapolates their mean to one epoch
 (``ceil(examples / batch)`` steps); times one validation pass over every user. Run pinned to
 one core for the CPU numbers of RESULTS.md::
 
@@ -38,16 +39,20 @@ def main(argv=None) -> None:
     model, optimizer, params, opt_state = training.init_training(cfg, ds)
     examples = training.training_examples(cfg, ds)
     step = training.make_train_step(training.make_loss_fn(cfg, model), optimizer)
-    batches = examples.epoch_batches(training.NegativeSampler(ds), cfg.batch_size,
-                                     np.random.default_rng(0))
+    batches = list(examples.epoch_batches(training.NegativeSampler(ds), cfg.batch_size,
+                                          np.random.default_rng(0)))
     key = jax.random.PRNGKey(0)
-    t0 = time.perf_counter()
-    params, opt_state, loss = step(params, opt_state, next(batches), key)
-    jax.block_until_ready(loss)
-    first = time.perf_counter() - t0
+    # one step per distinct batch shape first (length buckets give several), so that no
+    # timed step compiles; the first of them is the first step
+    first = None
+    shapes = {tuple((k, v.shape) for k, v in sorted(b.items())): b for b in batches}
+    for batch in shapes.values():
+        t0 = time.perf_counter()
+        params, opt_state, loss = step(params, opt_state, batch, key)
+        jax.block_until_ready(loss)
+        first = time.perf_counter() - t0 if first is None else first
     times = []
-    for k in range(args.steps):
-        batch = next(batches)
+    for k, batch in enumerate(batches[:args.steps]):
         t0 = time.perf_counter()
         params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(key, k))
         jax.block_until_ready(loss)
@@ -55,8 +60,8 @@ def main(argv=None) -> None:
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     record = {"model": args.model, "graph": training.graph_kind(cfg), "optimizer": args.optimizer,
               "batch_size": cfg.batch_size, "steps_per_epoch": steps_per_epoch,
-              "first_step_s": round(first, 2), "median_step_s": round(float(np.median(times)), 4),
-              "epoch_s": round(float(np.median(times)) * steps_per_epoch, 1),
+              "first_step_s": round(first, 2), "mean_step_s": round(float(np.mean(times)), 4),
+              "epoch_s": round(float(np.mean(times)) * steps_per_epoch, 1),
               "epochs": cfg.epochs, "eval_every": cfg.eval_every}
     if not args.no_eval:
         scorer = training.make_scorer(cfg, model, num_items=ds.num_items)
