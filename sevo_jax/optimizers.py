@@ -180,13 +180,15 @@ def sevo_adamw(
     approx: str = "neumann",
     mesh: jax.sharding.Mesh | None = None,
     axis_name: str | None = None,
+    repair: bool = True,
 ) -> optax.GradientTransformation:
     """AdamW + SEvo with moment-estimate correction, the paper's optimizer (spec §3).
 
     ``p <- p (1 - lr wd) - lr psi(delta)``: psi (``sevo_smooth``) smooths the corrected Adam
     direction ``delta`` of the ``mask`` tables, before the decoupled decay (on ``decay_mask``)
     and the learning rate. Other leaves take plain AdamW. ``mesh``/``axis_name`` row-shard psi
-    across a mesh axis; likewise in ``sevo_adam`` and ``sevo_sgd``.
+    across a mesh axis, and ``repair`` is ``sevo_smooth``'s; likewise in ``sevo_adam`` and
+    ``sevo_sgd``.
 
     Examples:
       >>> import optax, scipy.sparse as sp
@@ -206,7 +208,8 @@ def sevo_adamw(
     return optax.chain(
         scale_by_adam_corrected(b1, b2, eps, mask=mask, mu_dtype=mu_dtype),
         sevo_smooth(
-            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name
+            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name,
+            repair=repair,
         ),
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(learning_rate),
@@ -229,6 +232,7 @@ def sevo_adam(
     approx: str = "neumann",
     mesh: jax.sharding.Mesh | None = None,
     axis_name: str | None = None,
+    repair: bool = True,
 ) -> optax.GradientTransformation:
     """Adam + SEvo with L2 decay and no correction: ``g <- g + wd p``; ``p <- p - lr psi(delta)``.
 
@@ -245,7 +249,8 @@ def sevo_adam(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype),
         sevo_smooth(
-            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name
+            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name,
+            repair=repair,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -265,6 +270,7 @@ def sevo_sgd(
     approx: str = "neumann",
     mesh: jax.sharding.Mesh | None = None,
     axis_name: str | None = None,
+    repair: bool = True,
 ) -> optax.GradientTransformation:
     """SGD + SEvo: ``d = g + wd p`` (on ``decay_mask``); with momentum ``b = mu b + d`` (first
     step ``b = d``) and ``d = d + mu b`` (Nesterov) or ``d = b``; then ``p <- p - lr psi(d)``.
@@ -280,7 +286,8 @@ def sevo_sgd(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
         sevo_smooth(
-            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name
+            adjacency, beta, num_layers, approx=approx, mask=mask, mesh=mesh, axis_name=axis_name,
+            repair=repair,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

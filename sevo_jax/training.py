@@ -577,8 +577,10 @@ def build_optimizer(config: TrainConfig, adjacency: Any, mesh: Mesh | None = Non
     defaults to ``sharding_lib.build_mesh(config.mesh)``); ``adjacency`` must then have one node
     per row of the PADDED tables (``MeshPlan.pad_adjacency``)."""
     c = config
+    # repair=False: the trainer's states come from init or are restored into its template, so
+    # the step needs no repair callback, and JAX's persistent compilation cache can keep it
     sevo: dict[str, Any] = dict(beta=c.beta, num_layers=c.num_layers, mask=table_mask(c),
-                                approx=c.approx)
+                                approx=c.approx, repair=False)
     if c.mesh is not None and c.optimizer.startswith("sevo"):
         mesh = sharding_lib.build_mesh(c.mesh) if mesh is None else mesh
         sevo.update(mesh=mesh, axis_name=mesh.axis_names[0])

@@ -25,6 +25,7 @@ from sevo_jax.operator import (
     NormalizedGraph,
     as_normalized_graph,
     check_impl,
+    leaves_match,
     normalized_scipy,
 )
 from sevo_jax.operator_sharded import ShardedGraph, check_axis, shard_normalized
@@ -153,6 +154,7 @@ def sevo_smooth(
     mesh: jax.sharding.Mesh | None = None,
     axis_name: str | None = None,
     impl: str | None = None,
+    repair: bool = True,
 ) -> optax.GradientTransformation:
     """Structure-aware embedding evolution: replace the masked tables' update ``X`` by psi(X).
 
@@ -184,14 +186,21 @@ def sevo_smooth(
         callable, so Optax would take it for a schedule).
       impl: the sparse product (``sevo_jax.operator.sparse_matmul``): ``"chunked"``,
         ``"segment_sum"`` or ``"bcoo"``; None (the default) picks by backend.
+      repair: True (the default): ``update`` repairs a state's graph that a generic tree
+        operation broke, through a host callback. False: no repair branch, so the compiled
+        update holds no host callback and JAX's persistent compilation cache can store it; a
+        graph of the wrong shape or dtype is then a ``ValueError`` when traced, and one whose
+        tag is wrong at run time (e.g. zeroed) turns the smoothed tables' updates into NaN
+        rather than use it (for trainers that only pass states from ``init`` or restored into
+        its template, as ``sevo_jax.training`` does).
 
     Returns:
       An ``optax.GradientTransformation`` with state ``SEvoSmoothState(graph)``. ``init``
-      uploads FRESH device arrays each call (donating a state is safe); ``update`` repairs a
-      graph that a generic tree operation changed (``sevo_jax.operator``). For the sharded
-      operator, the ``ShardedGraph`` is built at the first ``init`` for the masked tables' row
-      counts; with parameters without leaves (Optax's placeholder) ``init`` returns the last
-      built layout's structure.
+      uploads FRESH device arrays each call (donating a state is safe); with ``repair=True``
+      ``update`` repairs a graph that a generic tree operation changed (``sevo_jax.operator``).
+      For the sharded operator, the ``ShardedGraph`` is built at the first ``init`` for the
+      masked tables' row counts; with parameters without leaves (Optax's placeholder) ``init``
+      returns the last built layout's structure.
 
     Examples:
       >>> import optax
@@ -240,7 +249,14 @@ def sevo_smooth(
                 f"{type(graph).__name__}"
             )
         check_selection(updates, flags, graph.num_nodes)
-        graph = graph.repaired()
+        if repair:
+            graph = graph.repaired()
+        elif not leaves_match(jax.tree_util.tree_leaves(graph),
+                              jax.tree_util.tree_leaves(graph.abstract())):
+            raise ValueError(
+                "SEvoSmoothState.graph's arrays do not have the graph's shapes and dtypes "
+                "(repair=False does not re-upload them; use repair=True or a state from init)"
+            )
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         chosen = [x for x, f in zip(leaves, flags, strict=True) if f]
         if isinstance(graph, ShardedGraph) and tuple(x.shape[0] for x in chosen) != graph.segments:
@@ -248,7 +264,11 @@ def sevo_smooth(
                 f"the masked tables have {[x.shape[0] for x in chosen]} rows but the state's "
                 f"ShardedGraph was built (at init) for {list(graph.segments)}"
             )
-        smoothed = iter(propagate(graph, chosen, beta, num_layers, approx, impl=impl))
+        smoothed = propagate(graph, chosen, beta, num_layers, approx, impl=impl)
+        if not repair:  # a broken cache must not be used silently
+            intact = graph.is_intact()
+            smoothed = [jnp.where(intact, y, jnp.nan).astype(y.dtype) for y in smoothed]
+        smoothed = iter(smoothed)
         out = [next(smoothed) if f else x for x, f in zip(leaves, flags, strict=True)]
         return jax.tree_util.tree_unflatten(treedef, out), SEvoSmoothState(graph=graph)
 

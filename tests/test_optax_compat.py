@@ -282,6 +282,27 @@ def test_zeros_like_reset_is_a_fresh_init():
     assert bool(repaired[1].graph.is_intact())
 
 
+def test_without_repair_the_update_has_no_callback_and_never_uses_a_broken_graph():
+    """repair=False (the trainer's setting): the same updates on an intact state, no host
+    callback in the compiled update (so JAX's persistent cache can keep it), NaN on the
+    smoothed table for a zeroed state, and a clear error for a cast one."""
+    params, grads = make_params(), make_grads()
+    smooth, plain = sj.sevo_smooth(A, mask=MASK, repair=False), sj.sevo_smooth(A, mask=MASK)
+    state = smooth.init(params)
+    u, _ = jax.jit(smooth.update)(grads, state)
+    equal(u, jax.jit(plain.update)(grads, plain.init(params))[0])
+    text = jax.jit(smooth.update).lower(grads, state).as_text()
+    assert "callback" not in text and "callback" in jax.jit(plain.update).lower(
+        grads, plain.init(params)).as_text()
+    broken, _ = jax.jit(smooth.update)(grads, jax.tree.map(jnp.zeros_like, state))
+    assert np.isnan(np.asarray(broken["emb"])).all()
+    equal(broken["w"], grads["w"])  # unmasked leaves pass through
+    with pytest.raises(ValueError, match="repair=False does not re-upload"):
+        smooth.update(grads, optax.tree.cast(state, jnp.bfloat16))
+    trusting = sevo(repair=False)
+    close(trusting.update(grads, trusting.init(params), params)[0],
+          first_update(sevo(), params, grads))
+
 def test_cast_state_still_updates_right():
     params, grads = make_params(), make_grads()
     smooth = sj.sevo_smooth(A, mask=MASK)
