@@ -48,6 +48,9 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=0,
                    help="0: one product A @ X; L > 0: psi's recursion with L products")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--torch", action="store_true",
+                   help="also time PyTorch's CSR product (torch.sparse_csr_tensor @ dense, one "
+                        "thread), the other peer a user would pick")
     p.add_argument("--compile", action="store_true",
                    help="also time XLA's compile of each version (CPU s, 3 rounds, fresh jits)")
     p.add_argument("--cpu", type=int, default=0)
@@ -79,9 +82,15 @@ def main(argv=None) -> None:
     print(_util.machine_line(_util.machine_info()))
     print("one product A @ X per call" if args.layers == 0 else
           f"psi's recursion, {args.layers} products per call")
+    torch = None
+    if args.torch:
+        import torch
+
+        torch.set_num_threads(1)
+    extra = " torch CSR | now / torch |" if torch else ""
     print("| graph | nnz | d | scipy CSR | before | now | before / scipy | now / scipy "
-          "| now / before |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| now / before |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|" + "---|---|" * bool(torch))
     compiles: list[str] = []
     for kind, nnz in ((k, m) for k in args.graphs for m in args.nnz):
         n = nnz // 20
@@ -151,6 +160,21 @@ def main(argv=None) -> None:
             fns = {"scipy": scipy_product,
                    "before": lambda f=f_before, g=args_before: f(*g).block_until_ready(),
                    "now": lambda f=f_now, g=args_now: f(*g).block_until_ready()}
+            if torch is not None:
+                at = torch.sparse_csr_tensor(torch.from_numpy(a.indptr.astype(np.int64)),
+                                             torch.from_numpy(a.indices.astype(np.int64)),
+                                             torch.from_numpy(a.data.astype(np.float32)),
+                                             size=a.shape)
+                xt = torch.from_numpy(x)
+
+                def torch_product(at=at, xt=xt, layers=args.layers):
+                    if layers == 0:
+                        return (at @ xt).numpy()
+                    y = xt
+                    for _ in range(layers):
+                        y = xt + 0.99 * (at @ y)
+                    return y.numpy()
+                fns["torch"] = torch_product
             for name, f in fns.items():
                 if not np.allclose(np.asarray(f()), ref, atol=1e-4, rtol=1e-4):
                     raise SystemExit(f"bench_matmul_versions: {name} disagrees with scipy")
@@ -163,10 +187,14 @@ def main(argv=None) -> None:
                         f()
                     times[name].append((time.process_time() - t) / calls)
             s, b, c = (np.array(times[k]) for k in ("scipy", "before", "now"))
+            peer = ""
+            if torch is not None:
+                t_ = np.array(times["torch"])
+                peer = f" {_util.fmt_s(float(np.median(t_)))} | {np.median(c / t_):.2f} |"
             print(f"| {kind} | {a.nnz:,} | {d} | {_util.fmt_s(float(np.median(s)))} "
                   f"| {_util.fmt_s(float(np.median(b)))} | {_util.fmt_s(float(np.median(c)))} "
-                  f"| {np.median(b / s):.2f} | {np.median(c / s):.2f} | {np.median(c / b):.2f} |",
-                  flush=True)
+                  f"| {np.median(b / s):.2f} | {np.median(c / s):.2f} | {np.median(c / b):.2f} |"
+                  + peer, flush=True)
     if compiles:
         print("\nXLA compile (CPU s, median of 3, fresh jits)")
         print("| graph | nnz | d | before | now | now / before |\n|---|---|---|---|---|---|")
