@@ -713,11 +713,12 @@ def our_ranks(setup, m: str, model, params):
 
     inputs = training.eval_inputs(cfg, setup.ds, "valid")
     seen = setup.ds.seen_items("valid")
+    width = training.exclusion_width(setup.ds)  # one seen-items width (the last batch is short)
     out = []
     for start in range(0, setup.ds.num_users, cfg.eval_batch_size):
         rows = np.arange(start, min(start + cfg.eval_batch_size, setup.ds.num_users))
         out.append(np.asarray(ranks(inputs[rows], setup.ds.valid[rows].astype(np.int32),
-                                    training.padded_rows(seen, rows))))
+                                    training.padded_rows(seen, rows, width=width))))
     return np.concatenate(out)
 
 

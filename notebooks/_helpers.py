@@ -135,10 +135,12 @@ class Runner:
         targets = (self.ds.valid if split == "valid" else self.ds.test).astype(np.int32)
         seen = self.ds.seen_items(split)
         n, bs = self.ds.num_users, self.config.eval_batch_size
+        width = training.exclusion_width(self.ds)  # one seen-items width: one compiled scorer
         parts = []
         for start in range(0, n, bs):  # padded batches of eval_batch_size: reuses the compiled scorer
             rows = np.arange(start, start + bs) % n
-            out = self.scorer(params, inputs[rows], targets[rows], training.padded_rows(seen, rows))
+            out = self.scorer(params, inputs[rows], targets[rows],
+                              training.padded_rows(seen, rows, width=width))
             parts.append({k: np.asarray(v)[: min(bs, n - start)] for k, v in jax.device_get(out).items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
