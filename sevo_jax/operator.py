@@ -170,6 +170,10 @@ class GraphOperator(abc.ABC):
         """The same operator with ``jax.ShapeDtypeStruct`` leaves (no device memory)."""
 
     @abc.abstractmethod
+    def has_layout(self) -> bool:
+        """Trace-time check: the leaves have the host copy's shapes and dtypes."""
+
+    @abc.abstractmethod
     def is_intact(self) -> jax.Array:
         """Scalar bool: the leaves hold this graph (tag check; shapes/dtypes checked statically)."""
 
@@ -538,6 +542,9 @@ class NormalizedGraph(GraphOperator):
         """
         return NormalizedGraph(self.host, *self.host.specs())
 
+    def has_layout(self) -> bool:
+        return leaves_match((self.indices, self.weights, self.tag), self.host.specs())
+
     def is_intact(self) -> jax.Array:
         """Scalar bool: shapes/dtypes are right (checked at trace time) and ``tag`` is intact.
 
@@ -547,8 +554,7 @@ class NormalizedGraph(GraphOperator):
           >>> bool(g.is_intact()), bool(cast.is_intact())
           (True, False)
         """
-        leaves = (self.indices, self.weights, self.tag)
-        if not leaves_match(leaves, self.host.specs()):
+        if not self.has_layout():
             return jnp.asarray(False)
         return self.tag == self.host.tag
 
@@ -566,9 +572,9 @@ class NormalizedGraph(GraphOperator):
           >>> fixed.weights.dtype, bool(fixed.is_intact())
           (dtype('float32'), True)
         """
-        leaves = (self.indices, self.weights, self.tag)
-        if not leaves_match(leaves, self.host.specs()):
+        if not self.has_layout():
             return self.uploaded()
+        leaves = (self.indices, self.weights, self.tag)
         intact = self.tag == self.host.tag
 
         def upload():

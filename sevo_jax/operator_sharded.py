@@ -342,6 +342,9 @@ class ShardedGraph(GraphOperator):
         """``jax.ShapeDtypeStruct`` leaves (with their shardings): no device memory."""
         return ShardedGraph(self.host, *self.host.specs())
 
+    def has_layout(self) -> bool:
+        return leaves_match((self.indices, self.weights, self.tag), self.host.specs(sharded=False))
+
     def is_intact(self) -> jax.Array:
         """Scalar bool: right shapes/dtypes (trace time) and every device's tag intact.
 
@@ -350,8 +353,7 @@ class ShardedGraph(GraphOperator):
           >>> bool(g.is_intact()), bool(jax.tree.map(jnp.zeros_like, g).is_intact())
           (True, False)
         """
-        leaves = (self.indices, self.weights, self.tag)
-        if not leaves_match(leaves, self.host.specs(sharded=False)):
+        if not self.has_layout():
             return jnp.asarray(False)
         return jnp.all(self.tag == self.host.tag)
 
@@ -367,10 +369,9 @@ class ShardedGraph(GraphOperator):
           >>> bool(jax.jit(lambda g: g.repaired())(jax.tree.map(jnp.zeros_like, g)).is_intact())
           True
         """
-        leaves = (self.indices, self.weights, self.tag)
-        if not leaves_match(leaves, self.host.specs(sharded=False)):
+        if not self.has_layout():
             return self.uploaded()
-        return self._from_host(leaves)
+        return self._from_host((self.indices, self.weights, self.tag))
 
     def _from_host(self, leaves: tuple | None) -> ShardedGraph:
         """Blocks from the host: all of them (``leaves`` None), or where the tag is broken."""

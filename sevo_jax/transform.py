@@ -25,7 +25,6 @@ from sevo_jax.operator import (
     NormalizedGraph,
     as_normalized_graph,
     check_impl,
-    leaves_match,
     normalized_scipy,
 )
 from sevo_jax.operator_sharded import ShardedGraph, check_axis, shard_normalized
@@ -251,8 +250,7 @@ def sevo_smooth(
         check_selection(updates, flags, graph.num_nodes)
         if repair:
             graph = graph.repaired()
-        elif not leaves_match(jax.tree_util.tree_leaves(graph),
-                              jax.tree_util.tree_leaves(graph.abstract())):
+        elif not graph.has_layout():
             raise ValueError(
                 "SEvoSmoothState.graph's arrays do not have the graph's shapes and dtypes "
                 "(repair=False does not re-upload them; use repair=True or a state from init)"
