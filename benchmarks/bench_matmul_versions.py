@@ -109,29 +109,33 @@ def main(argv=None) -> None:
         coo = a.tocoo()
         idx = jnp.asarray(np.stack([coo.row, coo.col], 1).astype(np.int32))
         w = jnp.asarray(coo.data)
+
+        def operands(mod, idx=idx, w=w, n=n):
+            """The module's device COO: ``blocked_coo``'s once-per-graph blocks where it has
+            them (as ``NormalizedGraph`` holds on CPU), else the plain entries; and the
+            ``sparse_matmul`` keywords that read them."""
+            if not hasattr(mod, "blocked_coo"):
+                return (idx, w), {}
+            bi, bw, used = mod.blocked_coo(np.asarray(idx), np.asarray(w), n)
+            return (jnp.asarray(bi), jnp.asarray(bw)), {"blocked": (mod.MATMUL_BLOCK, used)}
+
+        graph_of = {"before": operands(before), "now": operands(now)}  # once per graph
+
+        def jitted(name, mod, n=n, layers=args.layers, graph_of=graph_of):
+            kwargs = graph_of[name][1]
+
+            def one(i, v, y):
+                return mod.sparse_matmul(i, v, y, n, impl="chunked", **kwargs)
+            if layers == 0:
+                return jax.jit(one)
+
+            def psi_like(i, v, y):
+                return jax.lax.fori_loop(0, layers, lambda _, z: y + 0.99 * one(i, v, z), y)
+            return jax.jit(psi_like)
+
         for d in args.d:
             x = rng.standard_normal((n, d)).astype(np.float32)
             xj = jnp.asarray(x)
-
-            def operands(mod, idx=idx, w=w, n=n):
-                """The module's device COO: ``blocked_coo``'s once-per-graph blocks where it
-                has them (as ``NormalizedGraph`` holds on CPU), else the plain entries."""
-                if not hasattr(mod, "blocked_coo"):
-                    return (idx, w), {}
-                bi, bw, used = mod.blocked_coo(np.asarray(idx), np.asarray(w), n)
-                return (jnp.asarray(bi), jnp.asarray(bw)), {"blocked": (mod.MATMUL_BLOCK, used)}
-
-            def jitted(mod, n=n, layers=args.layers):
-                kwargs = operands(mod)[1]
-
-                def one(i, v, y):
-                    return mod.sparse_matmul(i, v, y, n, impl="chunked", **kwargs)
-                if layers == 0:
-                    return jax.jit(one)
-
-                def psi_like(i, v, y):
-                    return jax.lax.fori_loop(0, layers, lambda _, z: y + 0.99 * one(i, v, z), y)
-                return jax.jit(psi_like)
 
             def scipy_product(a=a, x=x, layers=args.layers):
                 if layers == 0:
@@ -142,14 +146,14 @@ def main(argv=None) -> None:
                 return y
 
             ref = scipy_product()
-            f_before, f_now = jitted(before), jitted(now)
-            args_before, args_now = (operands(m)[0] + (xj,) for m in (before, now))
+            f_before, f_now = jitted("before", before), jitted("now", now)
+            args_before, args_now = (graph_of[k][0] + (xj,) for k in ("before", "now"))
             if args.compile:
                 spent: dict[str, list[float]] = {"before": [], "now": []}
                 for r in range(3):
                     pairs = [("before", before, args_before), ("now", now, args_now)]
                     for name, mod, a_ in (pairs if r % 2 == 0 else pairs[::-1]):
-                        lowered = jitted(mod).lower(*a_)
+                        lowered = jitted(name, mod).lower(*a_)
                         t = time.process_time()
                         lowered.compile()
                         spent[name].append(time.process_time() - t)
