@@ -26,6 +26,7 @@ from sevo_jax.models import (
     sasrec_loss,
     sevo_mask,
     stosa_loss,
+    threefry_bits,
     wasserstein_distance,
     wasserstein_distance_matrix,
 )
@@ -158,6 +159,39 @@ def test_dropout_keep_32_bits_is_bernoulli_and_16_bits_splits_each_word():
     assert abs(float(big.mean()) - 0.8) < 4 * math.sqrt(0.8 * 0.2 / 200_000)
     with pytest.raises(ValueError, match="must be 16 or 32, got 8"):
         dropout_keep(key, 0.7, shape, 8)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 1000, 100_003])
+def test_threefry_bits_are_jax_random_bits(size):
+    keys = [jax.random.PRNGKey(0), jax.random.PRNGKey(2**31 + 5), jax.random.key(7),
+            jax.random.fold_in(jax.random.key(1), 3)]
+    for key in keys:
+        np.testing.assert_array_equal(threefry_bits(key, size),
+                                      jax.random.bits(key, (size,), jnp.uint32))
+        np.testing.assert_array_equal(jax.jit(threefry_bits, static_argnums=1)(key, size),
+                                      jax.random.bits(key, (size,), jnp.uint32))
+    batched = jax.random.split(jax.random.key(9), 3)  # as the GRU's per-step keys
+    np.testing.assert_array_equal(jax.vmap(lambda k: threefry_bits(k, size))(batched),
+                                  jax.vmap(lambda k: jax.random.bits(k, (size,), jnp.uint32))(
+                                      batched))
+
+
+def test_threefry_bits_of_another_key_implementation_or_layout_are_jaxs():
+    key = jax.random.key(4, impl="rbg")
+    np.testing.assert_array_equal(threefry_bits(key, 33), jax.random.bits(key, (33,), jnp.uint32))
+    np.testing.assert_array_equal(dropout_keep(key, 0.6, (3, 11), 32),
+                                  jax.random.bernoulli(key, 0.6, (3, 11)))
+    key = jax.random.PRNGKey(4)
+    with jax.threefry_partitionable(False):  # JAX's other threefry counter layout
+        np.testing.assert_array_equal(threefry_bits(key, 33),
+                                      jax.random.bits(key, (33,), jnp.uint32))
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.6, 0.8, 0.9])
+def test_dropout_keep_32_bits_is_bernoulli_for_every_rate(keep):
+    for key in (jax.random.PRNGKey(1), jax.random.key(2)):
+        np.testing.assert_array_equal(dropout_keep(key, keep, (4, 5, 50), 32),
+                                      jax.random.bernoulli(key, keep, (4, 5, 50)))
 
 
 @pytest.mark.parametrize("bits", [16, 32])
