@@ -7,7 +7,9 @@ The grid's models are the reference implementation's backbones: ``sasrec``, ``gr
 ``sevo-train --model M [--graph G] --data D --optimizer O --seed S --out OUT/V-O-sS`` (printed
 beside its row; ``V`` the grid's model name), with the reference's per-model defaults.
 Finished runs are skipped and unfinished ones resumed, so the grid can be stopped and
-restarted. The summary (mean and std over seeds of the test metrics at the
+restarted; a run that another grid name has trained already (MF-BPR's AdamW baseline is the same
+run on both graphs: AdamW reads no graph) is not trained again, its record says
+``same_run_as``. The summary (mean and std over seeds of the test metrics at the
 best validation epoch, the published numbers beside them) is printed and written to
 ``OUT/summary.md``.
 
@@ -18,6 +20,7 @@ best validation epoch, the published numbers beside them) is printed and written
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shlex
@@ -76,6 +79,32 @@ def _format(args: argparse.Namespace) -> str:
     return args.format or ("synthetic" if args.data is None else data.detect_format(args.data))
 
 
+# Config fields that leave a run's results unchanged (``graph`` and ``beta`` are read by
+# SEvo's smoothing only: an optimizer without it trains the same run on any graph).
+NO_EFFECT_FIELDS = frozenset({"out", "progress", "cache_dir", "compile_cache"})
+SEVO_ONLY_FIELDS = frozenset({"graph", "beta"})
+
+
+def same_run(config: training.TrainConfig, fingerprint: str, out: Path) -> Path | None:
+    """A finished run beside ``out`` that IS this run: the same resolved config but for
+    fields without effect (``NO_EFFECT_FIELDS``, and ``SEVO_ONLY_FIELDS`` when the optimizer
+    has no SEvo), on the same data. E.g. MF-BPR's AdamW baseline of both graph forms."""
+    ignored = NO_EFFECT_FIELDS | (SEVO_ONLY_FIELDS if not config.optimizer.startswith("sevo")
+                                  else frozenset())
+    want = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(config.resolved()))).items()
+            if k not in ignored}
+    for record in sorted(out.parent.glob("*/results.json")):
+        if record.parent == out:
+            continue
+        done = json.loads(record.read_text())
+        have = {k: v for k, v in done.get("config", {}).items() if k not in ignored}
+        # a field that an older record lacks counts as None (its default when it was added)
+        same = all(have.get(k) == want.get(k) for k in have.keys() | want.keys())
+        if same and done.get("data", {}).get("fingerprint") == fingerprint:
+            return record.parent
+    return None
+
+
 def run_one(args, ds, variant: str, optimizer: str, seed: int, out: Path) -> dict:
     done = out / "results.json"
     if done.exists():
@@ -87,8 +116,17 @@ def run_one(args, ds, variant: str, optimizer: str, seed: int, out: Path) -> dic
                                   format=fmt, epochs=args.epochs, out=str(out),
                                   progress=args.progress,
                                   **({} if args.patience is None else {"patience": args.patience}))
-    start = time.perf_counter()
     resume = training.has_checkpoint(out)  # else start again, over any partial log
+    twin = None if resume else same_run(config, ds.fingerprint(), out)
+    if twin is not None:  # this run has been trained already, under another grid name
+        results = json.loads((twin / "results.json").read_text())
+        results = results | {"config": dataclasses.asdict(config.resolved()),
+                             "same_run_as": str(twin)}
+        out.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(results, indent=2))
+        print(f"{out}: the same run as {twin} (not trained again)")
+        return results
+    start = time.perf_counter()
     results = training.fit(config, dataset=ds, resume=resume, overwrite=not resume)
     results["wall_seconds"] = round(time.perf_counter() - start, 1)  # this process only
     results["train_seconds"] = train_seconds(out)

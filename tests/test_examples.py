@@ -65,6 +65,21 @@ def test_reproduce_paper_grid_resumes_and_summarises(tmp_path):
     record = tmp_path / "mfbpr-item-sevo-adamw-s0" / "results.json"
     config = json.loads(record.read_text())["config"]
     assert (config["model"], config["graph"], config["beta"]) == ("mfbpr", "cooccurrence", 0.9)
+    # MF-BPR's AdamW baseline is one run on both graphs (AdamW reads no graph): trained once
+    baseline = run("--models", "mfbpr", "mfbpr-item", "--optimizers", "adamw", "--seeds", "0",
+                   "--epochs", "1")
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    trained = json.loads((tmp_path / "mfbpr-adamw-s0" / "results.json").read_text())
+    reused = json.loads((tmp_path / "mfbpr-item-adamw-s0" / "results.json").read_text())
+    assert reused["same_run_as"] == str(tmp_path / "mfbpr-adamw-s0")
+    assert reused["test"] == trained["test"] and reused["valid"] == trained["valid"]
+    assert (reused["config"]["graph"], reused["config"]["beta"]) == ("cooccurrence", 0.9)
+    assert not (tmp_path / "mfbpr-item-adamw-s0" / "checkpoints").exists()
+    assert "not trained again" in baseline.stdout
+    sevo = run("--models", "mfbpr", "--optimizers", "sevo-adamw", "--seeds", "0", "--epochs", "1")
+    assert sevo.returncode == 0, sevo.stderr[-3000:]  # SEvo reads the graph: trained
+    assert "same_run_as" not in json.loads(
+        (tmp_path / "mfbpr-sevo-adamw-s0" / "results.json").read_text())
     both = run("--models", "sasrec", "mfbpr-item", "--seeds", "0", "--summary-only")
     assert both.returncode == 0, both.stderr[-3000:]
     assert "| sasrec | adamw | 1 |" in both.stdout
