@@ -33,7 +33,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="a data file (required unless --smoke)")
-    p.add_argument("--models", nargs="+", default=["sasrec", "gru4rec", "bert4rec", "stosa"])
+    p.add_argument("--models", nargs="+", default=None,
+                   help="default: sasrec gru4rec bert4rec stosa (--smoke: sasrec gru4rec, the "
+                        "16-bit masks and the 32-bit ones drawn under vmap)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--words", type=int, default=4_000_000)
@@ -56,9 +58,11 @@ def main(argv=None) -> None:
         ds = data.synthetic(num_users=60, num_items=80, seq_len=(5, 12), seed=0)
         source = dict(maxlen=10, batch_size=16, features=16)
         args.rounds, args.steps, args.words = 1, 2, 10_000
+        args.models = args.models or ["sasrec", "gru4rec"]
     else:
         ds = data.load_dataset(data.detect_format(args.data), args.data)
         source = dict(data=args.data, format=data.detect_format(args.data))
+    args.models = args.models or ["sasrec", "gru4rec", "bert4rec", "stosa"]
     unrolled = models.threefry_bits
     draw = {"jax.random.bits": lambda key, size: jax.random.bits(key, (size,), jnp.uint32),
             "threefry_bits": unrolled}
