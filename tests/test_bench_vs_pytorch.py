@@ -76,3 +76,20 @@ def test_side_by_side_timings(smoke):
     ratios += [r["cpu"]["ratio"] for r in smoke["eval"].values()]
     assert sorted(smoke["train"]) == sorted(f"{m} {o}" for m in MODELS for o in OPTIMIZERS)
     assert len(ratios) == 8 and all(math.isfinite(r) and r > 0 for r in ratios)
+
+
+def test_gpu_steps_script_checks_agreement_then_times(tmp_path):
+    """``bench_gpu_steps.py`` (made for the GPU machine) on this machine's CPU: the first
+    dropout-free steps of both sides agree, then both sides are timed."""
+    out = tmp_path / "steps.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu_steps.py"),
+                           "--smoke", "--models", "sasrec", "--device", "cpu", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for optimizer in OPTIMIZERS:
+        row = result[f"sasrec {optimizer}"]
+        assert row["agreement"]["loss_rel"] < 1e-5 and row["agreement"]["table_rel"] < 1e-5
+        assert math.isfinite(row["ratio"]) and row["ours_s"] > 0 and row["torch_s"] > 0
+    assert "| sasrec sevo-adamw |" in proc.stdout

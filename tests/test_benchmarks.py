@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# bench_vs_pytorch needs torch (an optional extra): tests/test_bench_vs_pytorch.py runs it
-SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("bench_*.py") if p.name != "bench_vs_pytorch.py")
+# bench_vs_pytorch and bench_gpu_steps need torch (an optional extra):
+# tests/test_bench_vs_pytorch.py runs them
+NEED_TORCH = ("bench_vs_pytorch.py", "bench_gpu_steps.py")
+SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("bench_*.py") if p.name not in NEED_TORCH)
 
 
 def numbers(tree, key_part):
