@@ -121,14 +121,7 @@ def time_steps(setup, ref, torch, m: str, o: str, device: str, args) -> dict:
     tbatches = [tuple(t.to(device) for t in vs.torch_batch(m, b)) for b in setup.batches[m]]
     tstate = {"i": 0}
 
-    def ours():
-        p, s, loss = state["p"], state["s"], None
-        for _ in range(args.steps):
-            i = state["i"]
-            p, s, loss = step(p, s, jbatches[i % len(jbatches)], keys[i % len(keys)])
-            state["i"] += 1
-        jax.block_until_ready((p, s, loss))
-        state["p"], state["s"] = p, s
+    ours = vs.step_block(step, state, jbatches, keys, args.steps)
 
     def theirs():
         for _ in range(args.steps):

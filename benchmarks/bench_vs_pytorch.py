@@ -799,6 +799,24 @@ def summarize_pair(times: dict, ours: str, theirs: str, per: int) -> dict:
     return res
 
 
+def step_block(step, state: dict, batches: list, keys: list, steps: int):
+    """A callable running ``steps`` calls of the jitted train ``step`` from ``state`` (``p``,
+    ``s``, ``i``: params, optimizer state, steps taken; updated), cycling through ``batches``
+    and ``keys``, then waiting for the device."""
+    import jax
+
+    def run():
+        p, s, loss = state["p"], state["s"], None
+        for _ in range(steps):
+            i = state["i"]
+            p, s, loss = step(p, s, batches[i % len(batches)], keys[i % len(keys)])
+            state["i"] += 1
+        jax.block_until_ready((p, s, loss))
+        state["p"], state["s"] = p, s
+
+    return run
+
+
 def time_train_steps(setup, ref, m: str, o: str) -> dict:
     import jax
     import jax.numpy as jnp
@@ -821,14 +839,7 @@ def time_train_steps(setup, ref, m: str, o: str) -> dict:
     topt = torch_optimizer(ref, setup, module, o, setup.torch_csr)
     tstate = {"i": 0}
 
-    def ours():
-        p, s, loss = state["p"], state["s"], None
-        for _ in range(args.steps):
-            i = state["i"]
-            p, s, loss = compiled(p, s, jbatches[i % len(jbatches)], keys[i % len(keys)])
-            state["i"] += 1
-        jax.block_until_ready((p, s, loss))
-        state["p"], state["s"] = p, s
+    ours = step_block(compiled, state, jbatches, keys, args.steps)
 
     def theirs():
         for _ in range(args.steps):
