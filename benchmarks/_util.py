@@ -137,6 +137,20 @@ def fmt_int(x: int) -> str:
     return str(x)
 
 
+def model_data(path: str | None, smoke: bool, seq_len: tuple[int, int] = (5, 12),
+               maxlen: int = 10) -> tuple:
+    """``(data set, TrainConfig source fields)`` of a model benchmark: a tiny synthetic set and
+    tiny sizes (``smoke``), or the file ``path`` in its detected format. Imports sevo_jax: call
+    it after ``limit_threads``."""
+    from sevo_jax import data
+
+    if smoke:
+        return (data.synthetic(num_users=60, num_items=80, seq_len=seq_len, seed=0),
+                dict(maxlen=maxlen, batch_size=16, features=16))
+    fmt = data.detect_format(path)
+    return data.load_dataset(fmt, path), dict(data=path, format=fmt)
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -57,18 +57,14 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from sevo_jax import data, training
+    from sevo_jax import training
 
     info = _util.machine_info()
     print(_util.machine_line(info))
     before = _load_module(args.before, "models_before") if args.before else None
+    ds, source = _util.model_data(args.data, args.smoke)
     if args.smoke:
-        ds = data.synthetic(num_users=60, num_items=80, seq_len=(5, 12), seed=0)
-        source = dict(maxlen=10, batch_size=16, features=16)
         args.batches = 3
-    else:
-        ds = data.load_dataset(data.detect_format(args.data), args.data)
-        source = dict(data=args.data, format=data.detect_format(args.data))
     rows = []
     for name in args.models:
         cfg = training.TrainConfig(model=name, optimizer="adamw", progress=False,

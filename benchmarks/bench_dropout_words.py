@@ -50,18 +50,14 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from sevo_jax import data, models, training
+    from sevo_jax import models, training
 
     info = _util.machine_info()
     print(_util.machine_line(info))
+    ds, source = _util.model_data(args.data, args.smoke)
     if args.smoke:
-        ds = data.synthetic(num_users=60, num_items=80, seq_len=(5, 12), seed=0)
-        source = dict(maxlen=10, batch_size=16, features=16)
         args.rounds, args.steps, args.words = 1, 2, 10_000
         args.models = args.models or ["sasrec", "gru4rec"]
-    else:
-        ds = data.load_dataset(data.detect_format(args.data), args.data)
-        source = dict(data=args.data, format=data.detect_format(args.data))
     args.models = args.models or ["sasrec", "gru4rec", "bert4rec", "stosa"]
     unrolled = models.threefry_bits
     draw = {"jax.random.bits": lambda key, size: jax.random.bits(key, (size,), jnp.uint32),

@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from sevo_jax import data, models, training
+    from sevo_jax import models, training
 
     def two_matmuls(mean1, cov1, mean2, cov2, scale=1.0):
         means = (jnp.sum(mean1 ** 2, -1)[..., :, None] + jnp.sum(mean2 ** 2, -1)[..., None, :]
@@ -65,13 +65,9 @@ def main(argv=None) -> None:
 
     info = _util.machine_info()
     print(_util.machine_line(info))
+    ds, source = _util.model_data(args.data, args.smoke, seq_len=(3, 12), maxlen=20)
     if args.smoke:
-        ds = data.synthetic(num_users=60, num_items=80, seq_len=(3, 12), seed=0)
-        source = dict(maxlen=20, batch_size=16, features=16)
         args.batches, args.buckets = 3, [5]
-    else:
-        ds = data.load_dataset(data.detect_format(args.data), args.data)
-        source = dict(data=args.data, format=data.detect_format(args.data))
     cfg = training.TrainConfig(model="stosa", optimizer="adamw", progress=False, dropout=0.0,
                                attention_dropout=0.0, **source).resolved()
     cfg = dataclasses.replace(cfg, length_bucket=cfg.maxlen)  # full width: never trims

@@ -85,14 +85,14 @@ NO_EFFECT_FIELDS = frozenset({"out", "progress", "cache_dir", "compile_cache"})
 SEVO_ONLY_FIELDS = frozenset({"graph", "beta"})
 
 
-def same_run(config: training.TrainConfig, fingerprint: str, out: Path) -> Path | None:
-    """A finished run beside ``out`` that IS this run: the same resolved config but for
-    fields without effect (``NO_EFFECT_FIELDS``, and ``SEVO_ONLY_FIELDS`` when the optimizer
-    has no SEvo), on the same data. E.g. MF-BPR's AdamW baseline of both graph forms."""
-    ignored = NO_EFFECT_FIELDS | (SEVO_ONLY_FIELDS if not config.optimizer.startswith("sevo")
+def same_run(resolved: dict, fingerprint: str, out: Path) -> Path | None:
+    """A finished run beside ``out`` that IS this run: the same resolved config (``resolved``,
+    a ``TrainConfig`` as a dict) but for fields without effect (``NO_EFFECT_FIELDS``, and
+    ``SEVO_ONLY_FIELDS`` when the optimizer has no SEvo), on the same data. E.g. MF-BPR's AdamW
+    baseline of both graph forms."""
+    ignored = NO_EFFECT_FIELDS | (SEVO_ONLY_FIELDS if not resolved["optimizer"].startswith("sevo")
                                   else frozenset())
-    want = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(config.resolved()))).items()
-            if k not in ignored}
+    want = {k: v for k, v in json.loads(json.dumps(resolved)).items() if k not in ignored}
     for record in sorted(out.parent.glob("*/results.json")):
         if record.parent == out:
             continue
@@ -117,11 +117,11 @@ def run_one(args, ds, variant: str, optimizer: str, seed: int, out: Path) -> dic
                                   progress=args.progress,
                                   **({} if args.patience is None else {"patience": args.patience}))
     resume = training.has_checkpoint(out)  # else start again, over any partial log
-    twin = None if resume else same_run(config, ds.fingerprint(), out)
+    resolved = dataclasses.asdict(config.resolved())
+    twin = None if resume else same_run(resolved, ds.fingerprint(), out)
     if twin is not None:  # this run has been trained already, under another grid name
         results = json.loads((twin / "results.json").read_text())
-        results = results | {"config": dataclasses.asdict(config.resolved()),
-                             "same_run_as": str(twin)}
+        results = results | {"config": resolved, "same_run_as": str(twin)}
         out.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(results, indent=2))
         print(f"{out}: the same run as {twin} (not trained again)")

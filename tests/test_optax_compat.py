@@ -303,6 +303,7 @@ def test_without_repair_the_update_has_no_callback_and_never_uses_a_broken_graph
     close(trusting.update(grads, trusting.init(params), params)[0],
           first_update(sevo(), params, grads))
 
+
 def test_cast_state_still_updates_right():
     params, grads = make_params(), make_grads()
     smooth = sj.sevo_smooth(A, mask=MASK)
