@@ -367,7 +367,7 @@ class Examples:
         Cloze (``mask_prob``): each non-padding item of ``target_key`` is masked with
         probability ``mask_prob`` (replaced by ``mask_id``); ``cloze_index`` holds the flat
         indices of the masked positions in the batch's ``(B, T)`` and ``cloze_labels`` their
-        items, both padded with 0 to a power of two >= 64 (few distinct shapes under jit).
+        items, both padded with 0 (``cloze_size``: few distinct shapes under jit).
 
         ``length_bucket``: the 2-D arrays (``(B, T)``, left-padded) drop their leading columns
         that are padding in every example of the batch, keeping the smallest multiple of
@@ -424,13 +424,27 @@ def trimmed_padding(batch: dict[str, np.ndarray], bucket: int,
 
 def cloze_batch(items: np.ndarray, masked: np.ndarray, mask_id: int) -> dict[str, np.ndarray]:
     """The masked items ``where(masked, mask_id, items)`` (``(B, T)``), the flat indices of the
-    masked positions and their items, both padded with 0 to a power of two >= 64."""
+    masked positions and their items, both padded with 0 to ``cloze_size`` of their count."""
     index = np.flatnonzero(masked).astype(np.int32)
-    size = _power_of_two_at_least(index.size, 64)
+    size = cloze_size(index.size)
     labels = items.reshape(-1)[index]
     return {"inputs": np.where(masked, mask_id, items).astype(np.int32),
             "cloze_index": np.pad(index, (0, size - index.size)),
             "cloze_labels": np.pad(labels, (0, size - index.size)).astype(np.int32)}
+
+
+def cloze_size(n: int, minimum: int = 64) -> int:
+    """The padded length of ``n`` cloze positions, at least ``minimum``: ``n`` rounded up to a
+    multiple of an eighth of the largest power of two ``<= n``, so at most 8 jit shapes per
+    doubling and less than ``n / 8`` padding (a power of two pads up to ``n``).
+
+    Examples:
+      >>> cloze_size(853), cloze_size(1024), cloze_size(1025), cloze_size(3)
+      (896, 1024, 1152, 64)
+    """
+    n = int(n)
+    step = max(1, (1 << max(n, 1).bit_length() - 1) // 8)
+    return max(minimum, -(-n // step) * step)
 
 
 def _power_of_two_at_least(n: int, minimum: int) -> int:

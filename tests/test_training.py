@@ -473,7 +473,7 @@ def test_cloze_batches_mask_items_only(small_ds):
         np.testing.assert_array_equal(inputs[~masked], rows[~masked])
         index, labels = batch["cloze_index"], batch["cloze_labels"]
         count = int(masked.sum())
-        assert index.size >= max(64, count) and index.size & (index.size - 1) == 0
+        assert index.size == training.cloze_size(count)
         np.testing.assert_array_equal(index[:count], np.flatnonzero(batch["inputs"] == mask_id))
         np.testing.assert_array_equal(labels[:count], rows.reshape(-1)[index[:count]])
         assert not labels[count:].any()
@@ -481,6 +481,17 @@ def test_cloze_batches_mask_items_only(small_ds):
         items_total += int((rows != 0).sum())
     assert masked_total / items_total == pytest.approx(cfg.mask_prob, abs=0.05)
 
+
+def test_cloze_size_pads_less_than_an_eighth_with_few_shapes():
+    sizes = np.array([training.cloze_size(n) for n in range(0, 9000)])
+    n = np.arange(sizes.size)
+    assert (sizes >= np.maximum(n, 64)).all() and (np.diff(sizes) >= 0).all()
+    above = n > 64
+    assert ((sizes - n)[above] < n[above] / 8).all()
+    assert (sizes[n <= 64] == 64).all()
+    for low in (64, 128, 512, 4096):  # at most 8 shapes per doubling
+        assert len(set(sizes[(n > low) & (n <= 2 * low)])) <= 8
+    assert training.cloze_size(853) == 896 and training.cloze_size(1024) == 1024
 
 
 def test_trimmed_padding_keeps_a_bucket_multiple_of_the_used_columns():
