@@ -105,7 +105,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Check every field's type and range; raise :class:`ConfigError` naming the first bad one.
 
-        Cheap and reads no data, so a bad value fails before any work is done.
+        A field that ``model`` does not read (``MODEL_SPECIFIC_FIELDS``), set anyway, is bad too:
+        an error, not a silent no-op. Cheap and reads no data, so a bad value fails before any
+        work is done.
         """
         for field in dataclasses.fields(self):
             if field.name not in _FIELD_RULES:  # a new field must say what values it takes
@@ -124,6 +126,10 @@ class TrainConfig:
         if self.model in SEQUENCE_MODELS and self.features % heads:
             raise ConfigError("features", f"{self.features} must be a multiple of num_heads "
                               f"{heads} (each head gets features / num_heads)")
+        for name, users in MODEL_SPECIFIC_FIELDS.items():
+            if getattr(self, name) is not None and self.model not in users:
+                names = ", ".join(users[:-1]) + " and " * (len(users) > 1) + users[-1]
+                raise ConfigError(name, f"applies to {names} only; {self.model} does not use it")
         if self.length_bucket is not None and self.model == "mfbpr":
             raise ConfigError("length_bucket", "applies to sequence models; mfbpr has no "
                               "sequences")
@@ -183,6 +189,13 @@ MODEL_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
               "b2": (0.98, 0.98), "beta": (0.99, 0.99)},
 }
 MFBPR_ITEM_GRAPH_BETA = 0.9
+# fields that only some models read (those that some models' defaults name): setting one for
+# another model is an error, not a silent no-op. ``length_bucket`` has its own rule (every
+# sequence model takes it).
+MODEL_SPECIFIC_FIELDS: dict[str, tuple[str, ...]] = {
+    name: tuple(m for m, fields in MODEL_DEFAULTS.items() if name in fields)
+    for name in sorted({f for fields in MODEL_DEFAULTS.values() for f in fields})
+    if name != "length_bucket" and not all(name in f for f in MODEL_DEFAULTS.values())}
 
 
 class ConfigError(ValueError):

@@ -16,6 +16,15 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def config_fields(model: str, fields: dict) -> dict:
+    """``fields`` without the model-specific ones ``model`` does not read (``TrainConfig``
+    rejects those: ``training.MODEL_SPECIFIC_FIELDS``), plus ``model``."""
+    from sevo_jax import training
+
+    return {**{k: v for k, v in fields.items()
+               if model in training.MODEL_SPECIFIC_FIELDS.get(k, (model,))}, "model": model}
 NUM_DEVICES = 8
 DEVICE_FLAGS = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
 

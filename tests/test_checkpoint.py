@@ -49,8 +49,9 @@ def small_ds():
 def _fit(tmp_path, ds, name="run", resume=False, **overrides):
     from sevo_jax import training
 
-    cfg = training.TrainConfig(**{**dict(epochs=3, eval_every=1, seed=3, out=str(tmp_path / name),
-                                         **SMALL), **overrides})
+    fields = {**dict(epochs=3, eval_every=1, seed=3, out=str(tmp_path / name), **SMALL),
+              **overrides}
+    cfg = training.TrainConfig(**helpers.config_fields(fields.pop("model", "sasrec"), fields))
     return training.fit(cfg, dataset=ds, resume=resume, log=lambda s: None), cfg
 
 
