@@ -917,7 +917,8 @@ def resume_conflicts(saved_config: dict, new_config: dict,
     (``SequenceDataset.fingerprint()``). Returns one short phrase per conflict (empty: it may
     resume). A field missing from an older checkpoint counts as the value the code that wrote
     it used: ``dropout_bits`` 32 for SASRec, BERT4Rec and STOSA, else the ``TrainConfig``
-    default. A ``length_bucket`` of ``maxlen`` or more equals None (no batch is trimmed).
+    default; fields the model does not read (``MODEL_SPECIFIC_FIELDS``) never conflict. A
+    ``length_bucket`` of ``maxlen`` or more equals None (no batch is trimmed).
     Fields in ``RESUME_HARMLESS`` may differ, except ``epochs`` below ``epochs_done`` (the
     recorded config would then disagree with the epochs run) and a changed data content.
     """
@@ -926,6 +927,10 @@ def resume_conflicts(saved_config: dict, new_config: dict,
         defaults["dropout_bits"] = 32
     saved = defaults | saved_config
     new_config = dict(new_config)
+    for name, users in MODEL_SPECIFIC_FIELDS.items():  # unread (older runs hold defaults)
+        if saved.get("model") not in users:
+            saved.pop(name, None)
+            new_config.pop(name, None)
     for config in (saved, new_config):  # a bucket of maxlen or more never trims: same as None
         bucket, maxlen = config.get("length_bucket"), config.get("maxlen")
         if bucket is not None and maxlen is not None and bucket >= maxlen:

@@ -292,6 +292,19 @@ def test_resume_of_a_checkpoint_from_before_dropout_bits_keeps_its_32_bit_masks(
                                      mfbpr) == []
 
 
+def test_fields_a_model_does_not_read_never_block_a_resume():
+    """GRU4Rec runs of earlier sessions recorded num_blocks 2 / num_heads 1 (then every
+    config's defaults); GRU4Rec reads neither, and passing them now is an error."""
+    new = dataclasses.asdict(training.TrainConfig(model="gru4rec").resolved())
+    older = dict(new, num_blocks=2, num_heads=1)
+    assert training.resume_conflicts(older, new) == []
+    assert training.resume_conflicts(older, dict(new, lr=0.5)) == [
+        "lr is 0.001 in the checkpoint, 0.5 now"]
+    sasrec = dataclasses.asdict(training.TrainConfig(model="sasrec").resolved())
+    assert training.resume_conflicts(dict(sasrec, num_blocks=3), sasrec) == [
+        "num_blocks is 3 in the checkpoint, 2 now"]
+
+
 
 def test_resume_of_a_stosa_checkpoint_from_before_length_buckets():
     """Such a checkpoint trained full-width batches: it resumes with a bucket of its maxlen
