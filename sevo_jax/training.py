@@ -642,7 +642,9 @@ def init_training(config: TrainConfig, ds: data_lib.SequenceDataset,
     ``adjacency``: the raw graph (default ``build_graph``, for the ``sevo-*`` optimizers).
     With a ``plan`` the params are initialised exactly as without one, then the tables get
     zero padding rows (``MeshPlan.pad_params``), the graph matching isolated nodes, the model
-    the padded sizes, and params and state are placed by ``plan``'s shardings."""
+    the padded sizes, and params and state are placed by ``plan``'s shardings. A bad
+    ``config`` raises :class:`ConfigError` (``TrainConfig.validate``) before any work."""
+    config.validate()
     model = build_model(config, ds)
     if adjacency is None and config.optimizer.startswith("sevo"):
         adjacency = build_graph(config, ds)

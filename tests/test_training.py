@@ -493,6 +493,12 @@ def test_cloze_batches_mask_items_only(small_ds):
     assert masked_total / items_total == pytest.approx(cfg.mask_prob, abs=0.05)
 
 
+def test_init_training_validates_the_config(small_ds):
+    cfg = training.TrainConfig(model="sasrec", mask_prob=0.3).resolved()
+    with pytest.raises(training.ConfigError, match="mask_prob applies to bert4rec only"):
+        training.init_training(cfg, small_ds)
+
+
 def test_cloze_size_pads_less_than_an_eighth_with_few_shapes():
     sizes = np.array([training.cloze_size(n) for n in range(0, 9000)])
     n = np.arange(sizes.size)
