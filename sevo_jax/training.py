@@ -126,6 +126,9 @@ class TrainConfig:
         if self.model in SEQUENCE_MODELS and self.features % heads:
             raise ConfigError("features", f"{self.features} must be a multiple of num_heads "
                               f"{heads} (each head gets features / num_heads)")
+        if self.model == "bert4rec" and self.maxlen is not None and self.maxlen < 2:
+            raise ConfigError("maxlen", f"must be at least 2 for bert4rec (a test input is the "
+                              f"validation item and the mask token), got {self.maxlen}")
         for name, users in MODEL_SPECIFIC_FIELDS.items():
             if getattr(self, name) is not None and self.model not in users:
                 names = ", ".join(users[:-1]) + " and " * (len(users) > 1) + users[-1]

@@ -219,6 +219,7 @@ def test_left_padded():
          "--dropout-bits applies to sasrec, bert4rec and stosa only; gru4rec does not use it"),
         (["--model", "mfbpr", "--num-heads", "2"], "--num-heads applies to"),
         (["--model", "sasrec", "--pvn-weight", "1"], "--pvn-weight applies to stosa only"),
+        (["--model", "bert4rec", "--maxlen", "1"], "--maxlen must be at least 2 for bert4rec"),
         (["--model", "gru4rec", "--attention-dropout", "0.1"], "--attention-dropout applies to"),
     ],
 )
