@@ -89,12 +89,10 @@ def same_run(resolved: dict, fingerprint: str, out: Path) -> Path | None:
     """A finished run beside ``out`` that IS this run: the same resolved config (``resolved``,
     a ``TrainConfig`` as a dict) but for fields without effect (``NO_EFFECT_FIELDS``, and
     ``SEVO_ONLY_FIELDS`` when the optimizer has no SEvo, and the fields the model does not
-    read), on the same data. E.g. MF-BPR's AdamW
-    baseline of both graph forms."""
-    ignored = NO_EFFECT_FIELDS | (SEVO_ONLY_FIELDS if not resolved["optimizer"].startswith("sevo")
-                                  else frozenset())
-    ignored |= {name for name, users in training.MODEL_SPECIFIC_FIELDS.items()
-                if resolved["model"] not in users}
+    read), on the same data. E.g. MF-BPR's AdamW baseline of both graph forms."""
+    ignored = (NO_EFFECT_FIELDS | training.unread_fields(resolved["model"])
+               | (SEVO_ONLY_FIELDS if not resolved["optimizer"].startswith("sevo")
+                  else frozenset()))
     want = {k: v for k, v in json.loads(json.dumps(resolved)).items() if k not in ignored}
     for record in sorted(out.parent.glob("*/results.json")):
         if record.parent == out:

@@ -129,8 +129,9 @@ class TrainConfig:
         if self.model == "bert4rec" and self.maxlen is not None and self.maxlen < 2:
             raise ConfigError("maxlen", f"must be at least 2 for bert4rec (a test input is the "
                               f"validation item and the mask token), got {self.maxlen}")
-        for name, users in MODEL_SPECIFIC_FIELDS.items():
-            if getattr(self, name) is not None and self.model not in users:
+        for name in unread_fields(self.model):
+            if getattr(self, name) is not None:
+                users = MODEL_SPECIFIC_FIELDS[name]
                 names = ", ".join(users[:-1]) + " and " * (len(users) > 1) + users[-1]
                 raise ConfigError(name, f"applies to {names} only; {self.model} does not use it")
         if self.length_bucket is not None and self.model == "mfbpr":
@@ -199,6 +200,16 @@ MODEL_SPECIFIC_FIELDS: dict[str, tuple[str, ...]] = {
     name: tuple(m for m, fields in MODEL_DEFAULTS.items() if name in fields)
     for name in sorted({f for fields in MODEL_DEFAULTS.values() for f in fields})
     if name != "length_bucket" and not all(name in f for f in MODEL_DEFAULTS.values())}
+
+
+def unread_fields(model: str | None) -> frozenset[str]:
+    """The ``MODEL_SPECIFIC_FIELDS`` that ``model`` does not read.
+
+    Examples:
+      >>> sorted(unread_fields("gru4rec"))[:2]
+      ['attention_dropout', 'dropout_bits']
+    """
+    return frozenset(name for name, users in MODEL_SPECIFIC_FIELDS.items() if model not in users)
 
 
 class ConfigError(ValueError):
@@ -932,10 +943,9 @@ def resume_conflicts(saved_config: dict, new_config: dict,
         defaults["dropout_bits"] = 32
     saved = defaults | saved_config
     new_config = dict(new_config)
-    for name, users in MODEL_SPECIFIC_FIELDS.items():  # unread (older runs hold defaults)
-        if saved.get("model") not in users:
-            saved.pop(name, None)
-            new_config.pop(name, None)
+    for name in unread_fields(saved.get("model")):  # older runs hold defaults there
+        saved.pop(name, None)
+        new_config.pop(name, None)
     for config in (saved, new_config):  # a bucket of maxlen or more never trims: same as None
         bucket, maxlen = config.get("length_bucket"), config.get("maxlen")
         if bucket is not None and maxlen is not None and bucket >= maxlen:

@@ -16,17 +16,17 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+NUM_DEVICES = 8
+DEVICE_FLAGS = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
 
 
 def config_fields(model: str, fields: dict) -> dict:
-    """``fields`` without the model-specific ones ``model`` does not read (``TrainConfig``
-    rejects those: ``training.MODEL_SPECIFIC_FIELDS``), plus ``model``."""
+    """``fields`` without those ``model`` does not read (``TrainConfig`` rejects them:
+    ``training.unread_fields``), plus ``model``."""
     from sevo_jax import training
 
-    return {**{k: v for k, v in fields.items()
-               if model in training.MODEL_SPECIFIC_FIELDS.get(k, (model,))}, "model": model}
-NUM_DEVICES = 8
-DEVICE_FLAGS = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
+    unread = training.unread_fields(model)
+    return {**{k: v for k, v in fields.items() if k not in unread}, "model": model}
 
 
 def collect_checks(namespace: dict) -> dict:
