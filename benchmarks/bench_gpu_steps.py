@@ -86,7 +86,8 @@ def agree(setup, ref, torch, m: str, o: str, device: str, args) -> dict:
     params, opt, step = vs.our_step(setup, m, o, 0.0)
     batch = setup.batches[m][0]
     p, _, loss = step(vs.fresh(params), vs.fresh(opt.init(params)),
-                      {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.PRNGKey(0))
+                      {k: jnp.asarray(v) for k, v in setup.our_batches[m][0].items()},
+                      jax.random.PRNGKey(0))
     module, topt = torch_side(ref, setup, torch, m, o, params, 0.0, device)
     tloss = torch_step(module, topt, tuple(t.to(device) for t in vs.torch_batch(m, batch)))
     ours_table = np.asarray(p["item_embedding"]["embedding"], np.float64)
@@ -109,7 +110,7 @@ def time_steps(setup, ref, torch, m: str, o: str, device: str, args) -> dict:
     dropout = setup.configs[(m, o)].dropout
     params, opt, step = vs.our_step(setup, m, o, dropout)
     jbatches = [jax.device_put({k: jnp.asarray(v) for k, v in b.items()})
-                for b in setup.batches[m]]
+                for b in setup.our_batches[m]]
     keys = list(jax.random.split(jax.random.PRNGKey(1), 16))
     state = {"p": vs.fresh(params), "s": vs.fresh(opt.init(params)), "i": 0}
     t0 = time.perf_counter()
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"bench_gpu_steps: --models: unknown model {unknown[0]!r}; use "
                          f"{', '.join(vs.MODELS)}")
     setup = vs.Setup(argparse.Namespace(smoke=args.smoke, beauty=args.beauty,
-                                        eval_batch_size=1024))
+                                        eval_batch_size=1024, no_pack_rows=False))
     setup.cache = {}
     cfg = setup.configs[("sasrec", "sevo-adamw")]
     setup.torch_csr = vs.reference_item_graph(setup.ds.train_sequences(), setup.ds.num_items,

@@ -48,6 +48,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -99,6 +100,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=1024)
     p.add_argument("--cpu", type=int, default=0, help="the core to pin to")
     p.add_argument("--smoke", action="store_true", help="tiny synthetic data, a few seconds")
+    p.add_argument("--no-pack-rows", action="store_true",
+                   help="feed our SASRec the unpacked batches too (default: packed, as the "
+                        "trainer does; the torch side always gets the reference's unpacked ones)")
     p.add_argument("--json", default=None, help="write agreement values and raw times here")
     return p.parse_args(argv)
 
@@ -427,14 +431,22 @@ class Setup:
             (m, o): training.TrainConfig(model=m, optimizer=o, format=fmt, data=data,
                                          progress=False, **sizes).resolved()
             for m in MODELS for o in OPTIMIZERS}
+        if args.no_pack_rows:
+            self.configs = {k: dataclasses.replace(c, pack_rows=c.pack_rows and False)
+                            for k, c in self.configs.items()}
         base = self.configs[("sasrec", "sevo-adamw")]
         self.adjacency = training.build_graph(base, self.ds)
-        self.batches = {}
+        # the torch side gets the reference's (unpacked) batches, ours the same batches as
+        # the trainer lays them out (packed rows, training.pack_rows, unless --no-pack-rows)
+        self.batches, self.our_batches = {}, {}
         for m in MODELS:
             cfg = self.configs[(m, "adamw")]
-            it = training.training_examples(cfg, self.ds).epoch_batches(
+            unpacked = dataclasses.replace(cfg, pack_rows=cfg.pack_rows and False)
+            it = training.training_examples(unpacked, self.ds).epoch_batches(
                 training.NegativeSampler(self.ds), cfg.batch_size, np.random.default_rng([0, 1]))
             self.batches[m] = [next(it) for _ in range(4 if not args.smoke else 2)]
+            self.our_batches[m] = [training.pack_rows(b) if cfg.pack_rows else b
+                                   for b in self.batches[m]]
 
 
 def max_abs(a, b) -> float:
@@ -588,7 +600,7 @@ def run_agreement(setup, ref) -> dict:
         no_dropout = {o: dataclasses.replace(setup.configs[(m, o)], dropout=0.0) for o in OPTIMIZERS}
         loss_and_grad = jax.jit(jax.value_and_grad(training.make_loss_fn(no_dropout["adamw"], model)))
         batch = setup.batches[m][0]
-        jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+        jbatch = {k: jnp.asarray(v) for k, v in setup.our_batches[m][0].items()}
         loss, grads = loss_and_grad(params, jbatch, jax.random.PRNGKey(0))
         module = torch_model(ref, setup, m, 0.0, mask_padding_keys=True)
         load_into(module, flax_to_torch(m, params))
@@ -605,7 +617,7 @@ def run_agreement(setup, ref) -> dict:
         # initial parameters, so that rows absent from one batch take the moment correction
         nb = len(setup.batches[m])
         batch_grads = [grads] + [
-            loss_and_grad(params, {k: jnp.asarray(v) for k, v in setup.batches[m][i].items()},
+            loss_and_grad(params, {k: jnp.asarray(v) for k, v in setup.our_batches[m][i].items()},
                           jax.random.PRNGKey(0))[1] for i in range(1, min(nb, 2))]
         for o in OPTIMIZERS:
             opt = our_optimizer(setup, m, o)
@@ -647,7 +659,8 @@ def run_agreement(setup, ref) -> dict:
             loss_diff = 0.0
             for k in range(3):
                 b = setup.batches[m][k % len(setup.batches[m])]
-                p_run, s_run, l_ours = step(p_run, s_run, {kk: jnp.asarray(v) for kk, v in b.items()},
+                ours_b = setup.our_batches[m][k % len(setup.batches[m])]
+                p_run, s_run, l_ours = step(p_run, s_run, {kk: jnp.asarray(v) for kk, v in ours_b.items()},
                                             jax.random.PRNGKey(k))
                 l_t = mod.loss(*torch_batch(m, b))
                 topt.zero_grad()
@@ -824,7 +837,8 @@ def time_train_steps(setup, ref, m: str, o: str) -> dict:
     args, cfg = setup.args, setup.configs[(m, o)]
     dropout = 0.0 if args.smoke else cfg.dropout  # --smoke: reuse the agreement's compiled step
     params, opt, compiled = our_step(setup, m, o, dropout)
-    jbatches = [jax.device_put({k: jnp.asarray(v) for k, v in b.items()}) for b in setup.batches[m]]
+    jbatches = [jax.device_put({k: jnp.asarray(v) for k, v in b.items()})
+                for b in setup.our_batches[m]]
     tbatches = [torch_batch(m, b) for b in setup.batches[m]]
     keys = list(jax.random.split(jax.random.PRNGKey(1), 16))
     state = {"p": fresh(params), "s": fresh(opt.init(params)), "i": 1}

@@ -67,18 +67,23 @@ class SASRec(nnx.Module):
                                 for _ in range(num_blocks)])
         self.final_norm = nnx.LayerNorm(features, epsilon=1e-8, rngs=rngs)
 
-    def __call__(self, seqs, *, deterministic: bool, rngs: nnx.Rngs | None = None):
+    def __call__(self, seqs, *, deterministic: bool, rngs: nnx.Rngs | None = None,
+                 positions=None, segments=None):
+        """Packed rows (``training.pack_rows``): as ``models.SASRec``."""
         length = seqs.shape[-1]
         if length > self.maxlen:
             raise ValueError(f"sequence length {length} exceeds maxlen {self.maxlen}")
         valid = seqs != 0
         keep = valid[..., None].astype(jnp.float32)
         x = self.item_embedding(seqs) * jnp.sqrt(float(self.features))
-        x = x + self.position_embedding(jnp.arange(self.maxlen - length, self.maxlen))
+        columns = jnp.arange(length) if positions is None else positions
+        x = x + self.position_embedding(self.maxlen - length + columns)
         x = self.embedding_dropout(x, deterministic=deterministic, rngs=rngs) * keep
         mask = nnx.make_causal_mask(seqs, dtype=bool)
         if self.mask_padding_keys:
             mask = mask & valid[:, None, None, :]
+        if segments is not None:
+            mask = mask & models.same_segment(segments)
         for block in self.blocks:
             x = block(x, mask, deterministic=deterministic, rngs=rngs) * keep
         return self.final_norm(x)
@@ -122,7 +127,9 @@ def fit_nnx(config: training.TrainConfig, ds: data.SequenceDataset, model: SASRe
     @nnx.jit
     def train_step(model, optimizer, batch, key):
         def loss_fn(model):
-            hidden = model(batch["inputs"], deterministic=False, rngs=nnx.Rngs(dropout=key))
+            packed = {k: batch[k] for k in ("positions", "segments") if k in batch}
+            hidden = model(batch["inputs"], deterministic=False, rngs=nnx.Rngs(dropout=key),
+                           **packed)
             logits = model.score(hidden, jnp.stack([batch["targets"], batch["negatives"]], -1))
             return models.sasrec_loss(logits[..., 0], logits[..., 1], batch["targets"] != 0)
 

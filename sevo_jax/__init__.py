@@ -16,19 +16,24 @@ direction::
 state or plain dicts) stands beside the core and imports none of it. ``sharding.py`` (the
 trainer's placement on a mesh), ``checkpoint.py`` and ``data``/``models``/``training``/``train``
 (the experiment pipeline) build on the core; the core never imports them.
+``xla_workarounds.py`` sets an XLA:CPU flag at import (wrong YNN reductions in jaxlib 0.10).
 """
 
-from sevo_jax.graph import (
+from sevo_jax.xla_workarounds import disable_ynn_reductions
+
+disable_ynn_reductions()  # before JAX creates its CPU backend (sevo_jax/xla_workarounds.py)
+
+from sevo_jax.graph import (  # noqa: E402
     category_graph,
     cooccurrence_graph,
     edge_list_graph,
     normalize,
     user_item_graph,
 )
-from sevo_jax.masks import select_tables
-from sevo_jax.operator import GraphOperator, NormalizedGraph, as_normalized_graph
-from sevo_jax.operator_sharded import ShardedGraph, shard_graph
-from sevo_jax.optimizers import (
+from sevo_jax.masks import select_tables  # noqa: E402
+from sevo_jax.operator import GraphOperator, NormalizedGraph, as_normalized_graph  # noqa: E402
+from sevo_jax.operator_sharded import ShardedGraph, shard_graph  # noqa: E402
+from sevo_jax.optimizers import (  # noqa: E402
     ScaleByAdamCorrectedState,
     adamw_corrected,
     scale_by_adam_corrected,
@@ -36,8 +41,8 @@ from sevo_jax.optimizers import (
     sevo_adamw,
     sevo_sgd,
 )
-from sevo_jax.psi import APPROXIMATIONS, propagate
-from sevo_jax.transform import SEvoSmoothState, sevo_smooth, smoothness
+from sevo_jax.psi import APPROXIMATIONS, propagate  # noqa: E402
+from sevo_jax.transform import SEvoSmoothState, sevo_smooth, smoothness  # noqa: E402
 
 __version__ = "0.1.0"
 

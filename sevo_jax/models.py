@@ -55,6 +55,7 @@ __all__ = [
     "cloze_loss",
     "dropout_keep",
     "masked_gru",
+    "same_segment",
     "sasrec_loss",
     "sevo_mask",
     "stosa_loss",
@@ -285,6 +286,17 @@ class LayerNorm(nn.Module):
         return _layer_norm(x, scale, bias, self.epsilon)
 
 
+def same_segment(segments: jax.Array) -> jax.Array:
+    """``(B, 1, T, T)`` attention mask of packed rows: query ``i`` may see key ``j`` iff both
+    belong to the same sequence (``segments[b, i] == segments[b, j]``).
+
+    Examples:
+      >>> same_segment(jnp.array([[1, 1, 2]]))[0, 0].astype(int).tolist()
+      [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    return (segments[:, :, None] == segments[:, None, :])[:, None]
+
+
 class SASRecBlock(nn.Module):
     """One pre-LayerNorm SASRec block, laid out as in the SEvo reference implementation::
 
@@ -365,15 +377,22 @@ class SASRec(nn.Module):
         ]
         self.final_norm = LayerNorm(epsilon=1e-8)
 
-    def __call__(self, seqs: jax.Array, *, deterministic: bool) -> jax.Array:
-        """Returns the hidden state of every position, ``(B, T, d)``."""
+    def __call__(self, seqs: jax.Array, *, deterministic: bool, positions: jax.Array | None = None,
+                 segments: jax.Array | None = None) -> jax.Array:
+        """Returns the hidden state of every position, ``(B, T, d)``.
+
+        Packed rows (:func:`sevo_jax.training.pack_rows`): ``positions`` ``(B, T)`` gives the
+        column each item had before packing (its position is then ``maxlen - T + column``) and
+        ``segments`` ``(B, T)`` the sequence it belongs to; an item then attends only to
+        earlier items of its own segment."""
         length = seqs.shape[-1]
         if length > self.maxlen:
             raise ValueError(f"sequence length {length} exceeds maxlen {self.maxlen}")
         valid = seqs != 0
         keep = valid[..., None].astype(jnp.float32)
 
-        positions = jnp.arange(self.maxlen - length, self.maxlen)
+        positions = self.maxlen - length + (jnp.arange(length) if positions is None
+                                            else positions)
         x = self.item_embedding(seqs) * jnp.sqrt(float(self.features))
         x = x + self.position_embedding(positions)
         x = self.embedding_dropout(x, deterministic=deterministic) * keep
@@ -384,6 +403,8 @@ class SASRec(nn.Module):
         mask = nn.make_causal_mask(seqs, dtype=bool)
         if self.mask_padding_keys:
             mask = mask & valid[:, None, None, :]
+        if segments is not None:
+            mask = mask & same_segment(segments)
         for block in self.blocks:
             x = block(x, mask, deterministic=deterministic) * keep
         return self.final_norm(x)
@@ -788,15 +809,20 @@ class BERT4Rec(nn.Module):
         self.output_embedding = nn.Embed(rows, self.features, embedding_init=clamped_xavier_normal)
         self.output_bias = self.param("output_bias", nn.initializers.zeros, (self.num_items + 2,))
 
-    def __call__(self, seqs: jax.Array, *, deterministic: bool) -> jax.Array:
-        """Returns the hidden state of every position, ``(B, T, d)``."""
+    def __call__(self, seqs: jax.Array, *, deterministic: bool, positions: jax.Array | None = None,
+                 segments: jax.Array | None = None) -> jax.Array:
+        """Returns the hidden state of every position, ``(B, T, d)``; packed rows as
+        :meth:`SASRec.__call__` (an item attends to the items of its own segment)."""
         length = seqs.shape[-1]
         if length > self.maxlen:
             raise ValueError(f"sequence length {length} exceeds maxlen {self.maxlen}")
-        positions = jnp.arange(self.maxlen - length, self.maxlen)
+        positions = self.maxlen - length + (jnp.arange(length) if positions is None
+                                            else positions)
         x = self.item_embedding(seqs) + self.position_embedding(positions)
         x = self.embedding_dropout(self.embedding_norm(x), deterministic=deterministic)
         mask = (seqs != 0)[:, None, None, :]
+        if segments is not None:
+            mask = mask & same_segment(segments)
         for block in self.blocks:
             x = block(x, mask, deterministic=deterministic)
         if self.is_initializing():
@@ -989,12 +1015,15 @@ class STOSA(nn.Module):
                                   self.attention_dropout, self.dropout_bits)
                        for _ in range(self.num_blocks)]
 
-    def __call__(self, seqs: jax.Array, *, deterministic: bool) -> jax.Array:
-        """``concat([means, covariances], -1)`` of every position, ``(B, T, 2d)``."""
+    def __call__(self, seqs: jax.Array, *, deterministic: bool, positions: jax.Array | None = None,
+                 segments: jax.Array | None = None) -> jax.Array:
+        """``concat([means, covariances], -1)`` of every position, ``(B, T, 2d)``; packed rows
+        as :meth:`SASRec.__call__`."""
         length = seqs.shape[-1]
         if length > self.maxlen:
             raise ValueError(f"sequence length {length} exceeds maxlen {self.maxlen}")
-        positions = jnp.arange(self.maxlen - length, self.maxlen)
+        positions = self.maxlen - length + (jnp.arange(length) if positions is None
+                                            else positions)
 
         def embed(table, position_table):
             x = self.embedding_norm(table(seqs) + position_table(positions))
@@ -1004,6 +1033,8 @@ class STOSA(nn.Module):
         cov = embed(self.covariance_embedding, self.covariance_position) + 1
         valid = seqs != 0
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None] & valid[:, None, None, :]
+        if segments is not None:
+            mask = mask & same_segment(segments)
         mask_bias = jnp.where(mask, 0.0, -(2.0 ** 32) + 1)
         for layer in self.layers:
             new_mean, cov = layer(mean, cov, mask_bias, deterministic=deterministic)

@@ -104,10 +104,14 @@ def build_parser() -> _Parser:
       help="weight of stosa's positive-vs-negative term; " + model_default("pvn_weight"))
     a("--length-bucket", type=int, default=None,
       help="drop each batch's leading all-padding columns, keeping a multiple of this many "
-           "(the maxlen keeps every batch maxlen long; the same model, other dropout draws); "
-           "default: stosa a tenth of its maxlen (10; 20 on MovieLens: its Beauty batches "
-           "use 71 of 100 columns on average; loss + gradient 0.68x, BENCHMARKS.md), other "
-           "models off (their Beauty batches fill the maxlen)")
+           "(the same model, other dropout draws; default off: with --pack-rows it saves "
+           "nothing, and without it SASRec's, GRU4Rec's and BERT4Rec's Beauty batches fill "
+           "their maxlen; STOSA's use 71 of 100 columns)")
+    a("--pack-rows", action=argparse.BooleanOptionalAction, default=None,
+      help="sasrec, bert4rec and stosa: pack each batch's sequences into fewer rows, each item "
+           "attending only within its own sequence (the same loss and gradient, other dropout "
+           "draws; not the reference's: on Beauty 256 sequences of ~7 items fill ~40 rows of "
+           "50, and loss + gradient take 0.1-0.4x the time, BENCHMARKS.md); default: on")
     a("--features", type=int, default=d.features, help="embedding width (every reference: 64)")
     a("--num-blocks", type=int, default=None,
       help="transformer blocks; " + model_default("num_blocks"))

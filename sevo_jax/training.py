@@ -88,6 +88,7 @@ class TrainConfig:
     mask_prob: float | None = None  # BERT4Rec's cloze masking probability
     pvn_weight: float | None = None  # STOSA's positive-vs-negative term
     length_bucket: int | None = None  # trim batches' leading padding to a multiple of this
+    pack_rows: bool | None = None  # SASRec, BERT4Rec, STOSA: pack each batch's sequences
     lr_decay_factor: float = 1.0  # lr *= factor every lr_decay_every epochs (BERT4Rec's StepLR)
     lr_decay_every: int = 25
     seed: int = 0
@@ -168,13 +169,13 @@ class TrainConfig:
 # GRU4Rec on MovieLens follow spec §4 (the values RESULTS.md's MovieLens runs used). MF-BPR has
 # the Beauty values on MovieLens too, and beta 0.99 on the user-item graph and
 # ``MFBPR_ITEM_GRAPH_BETA`` on an item graph (``MF-BPR/item-item/AmazonBeauty_550_Chron.yaml``).
-# ``length_bucket`` is not the reference's: it sets batch shapes, not the model
-# (``Examples.epoch_batches``).
+# ``length_bucket`` and ``pack_rows`` are not the reference's: they set batch shapes, not the
+# model (``Examples.epoch_batches``).
 MODEL_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
     "sasrec": {"epochs": (200, 200), "batch_size": (512, 128), "maxlen": (50, 200),
                "dropout": (0.3, 0.1), "lr": (1e-3, 1e-3), "weight_decay": (0.1, 0.1),
                "b2": (0.98, 0.98), "beta": (0.99, 0.99), "num_blocks": (2, 2),
-               "num_heads": (1, 1), "dropout_bits": (16, 16)},
+               "num_heads": (1, 1), "dropout_bits": (16, 16), "pack_rows": (True, True)},
     "gru4rec": {"epochs": (300, 300), "batch_size": (512, 512), "maxlen": (50, 200),
                 "dropout": (0.4, 0.4), "lr": (1e-3, 1e-3), "weight_decay": (0.1, 0.1),
                 "b2": (0.98, 0.98), "beta": (0.99, 0.99)},
@@ -182,12 +183,12 @@ MODEL_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
                  "dropout": (0.2, 0.1), "attention_dropout": (0.2, 0.1), "lr": (5e-4, 1e-3),
                  "weight_decay": (0.1, 0.1), "b2": (0.95, 0.999), "beta": (0.99, 0.99),
                  "num_blocks": (2, 2), "num_heads": (4, 4), "mask_prob": (0.5, 0.2),
-                 "dropout_bits": (16, 16)},
+                 "dropout_bits": (16, 16), "pack_rows": (True, True)},
     "stosa": {"epochs": (500, 500), "batch_size": (256, 256), "maxlen": (100, 200),
               "dropout": (0.2, 0.1), "attention_dropout": (0.5, 0.2), "lr": (1e-3, 5e-3),
               "weight_decay": (0.1, 0.1), "b2": (0.999, 0.999), "beta": (0.99, 0.99),
               "num_blocks": (1, 1), "num_heads": (4, 4), "pvn_weight": (0.005, 0.001),
-              "dropout_bits": (16, 16), "length_bucket": (10, 20)},
+              "dropout_bits": (16, 16), "pack_rows": (True, True)},
     "mfbpr": {"epochs": (1000, 1000), "batch_size": (2048, 2048), "maxlen": (50, 50),
               "dropout": (0.0, 0.0), "lr": (1e-3, 1e-3), "weight_decay": (0.1, 0.1),
               "b2": (0.98, 0.98), "beta": (0.99, 0.99)},
@@ -288,6 +289,7 @@ _FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "dropout_bits": lambda v: None if v in (None, 16, 32) else "must be 16 or 32",
     "mask_prob": _number(0, 1, low_open=True, optional=True),
     "length_bucket": _integer(1, optional=True),
+    "pack_rows": lambda v: None if v is None else _flag(v),
     "pvn_weight": _number(0, optional=True), "lr_decay_factor": _number(0, low_open=True),
     "lr_decay_every": _integer(1), "seed": _integer(0), "eval_every": _integer(1),
     "patience": _integer(1, optional=True), "eval_batch_size": _integer(1), "kcore": _integer(0),
@@ -378,6 +380,8 @@ class Examples:
     mask_prob: float | None = None  # cloze: mask each item of target_key with this probability
     mask_id: int = 0                # ... replacing it by this id
     length_bucket: int | None = None  # trim each batch's leading padding columns (see below)
+    pack_rows: bool = False         # pack each batch's sequences into fewer rows (see below)
+    row_multiple: int = 1           # ... a multiple of this many (a mesh's batch axis)
 
     def __len__(self) -> int:
         return self.users.shape[0]
@@ -401,6 +405,11 @@ class Examples:
         ``length_bucket`` (at most ``T``) that holds every item. Models with right-aligned
         positions and masked padding keys compute the same hidden states for the items; only
         the dropout masks, drawn per shape, differ.
+
+        ``pack_rows``: the sequences are then packed into fewer rows (:func:`pack_rows`, which
+        adds ``positions`` and ``segments``); the model, given those, computes the same hidden
+        states for the items, and the losses are means over items: the same loss and gradient,
+        other dropout draws.
         """
         order = rng.permutation(len(self))
         targets = self.arrays[self.target_key]
@@ -427,7 +436,13 @@ class Examples:
                 masked = np.zeros(items.shape, bool)
                 kept = draws[idx][:, targets.shape[1] - items.shape[1]:]  # trimmed columns
                 masked[:idx.size] = kept & (items[:idx.size] != 0)
+                if self.pack_rows:
+                    packed = pack_rows({"items": items, "masked": masked}, self.row_multiple)
+                    items, masked = packed.pop("items"), packed.pop("masked").astype(bool)
+                    batch = packed
                 batch.update(cloze_batch(items, masked, self.mask_id))
+            elif self.pack_rows:
+                batch = pack_rows(batch, self.row_multiple)
             yield batch
 
 
@@ -447,6 +462,69 @@ def trimmed_padding(batch: dict[str, np.ndarray], bucket: int,
     width = length - int(np.argmax(used)) if used.any() else 0
     keep = min(length, bucket * max(1, -(-width // bucket)))
     return {k: v[:, length - keep:] if v.ndim == 2 else v for k, v in batch.items()}
+
+
+def pack_rows(batch: dict[str, np.ndarray], row_multiple: int = 1) -> dict[str, np.ndarray]:
+    """The left-padded ``(B, T)`` arrays of ``batch`` with their sequences packed into fewer rows,
+    plus ``positions`` and ``segments`` ``(R, T)`` int32 (the models' packed-row inputs).
+
+    A row's sequence is its columns from the first non-zero one of the first array on; each is
+    placed whole in one packed row (first fit, longest first), right-aligned after the ones
+    before it; ``positions`` holds each item's column before packing and ``segments`` its row
+    number + 1 (0: padding). ``R`` is the packed rows' count rounded up to a multiple of 8 and
+    of ``row_multiple`` (few shapes under jit, the same on every mesh of up to 8 devices) and,
+    past 64, of an eighth of a power of two. The item states do not change if the model lets
+    an item attend only within its segment.
+
+    Examples:
+      >>> b = pack_rows({"x": np.array([[0, 0, 1, 2], [0, 0, 0, 3], [0, 4, 5, 6]])})
+      >>> b["x"][:2].tolist()        # [4, 5, 6] first, then [1, 2]; [3] fills row 0
+      [[3, 4, 5, 6], [0, 0, 1, 2]]
+      >>> b["segments"][:2].tolist(), b["positions"][:2].tolist()
+      ([[2, 3, 3, 3], [0, 0, 1, 1]], [[3, 1, 2, 3], [0, 0, 2, 3]])
+      >>> b["x"].shape                # 2 rows used, rounded up to 8
+      (8, 4)
+    """
+    arrays = list(batch.values())
+    first = arrays[0]
+    if first.ndim != 2 or any(a.shape != first.shape for a in arrays):
+        raise ValueError("pack_rows packs (B, T) arrays of one shape, got shapes "
+                         f"{[a.shape for a in arrays]}")
+    num, width = first.shape
+    nonzero = first != 0
+    lengths = np.where(nonzero.any(axis=1), width - np.argmax(nonzero, axis=1), 0)
+    order = np.argsort(-lengths, kind="stable")
+    order = order[lengths[order] > 0]
+    free = np.zeros(len(order), np.int64)  # room left in each packed row, filled from the right
+    used = 0
+    row_of = np.empty(len(order), np.int64)
+    end_of = np.empty(len(order), np.int64)  # the column after the sequence's last item
+    for k, r in enumerate(order):
+        fits = np.flatnonzero(free[:used] >= lengths[r])
+        slot = int(fits[0]) if fits.size else used
+        if slot == used:
+            free[used], used = width, used + 1
+        row_of[k], end_of[k] = slot, free[slot]
+        free[slot] -= lengths[r]
+    multiple = math.lcm(8, row_multiple)
+    rows = -(-cloze_size(used, minimum=8) // multiple) * multiple
+    # every item k of sequence r: from (r, width - len + k) to (row_of, end_of - len + k)
+    lens = lengths[order]
+    seq = np.repeat(np.arange(len(order)), lens)
+    k = np.arange(seq.size) - np.repeat(np.cumsum(lens) - lens, lens)
+    src_col = width - lens[seq] + k
+    dst = row_of[seq] * width + end_of[seq] - lens[seq] + k
+    src = order[seq] * width + src_col
+    out = {}
+    for key, a in batch.items():
+        flat = np.zeros(rows * width, a.dtype)
+        flat[dst] = a.reshape(-1)[src]
+        out[key] = flat.reshape(rows, width)
+    for key, values in (("positions", src_col), ("segments", order[seq] + 1)):
+        flat = np.zeros(rows * width, np.int32)
+        flat[dst] = values
+        out[key] = flat.reshape(rows, width)
+    return out
 
 
 def cloze_batch(items: np.ndarray, masked: np.ndarray, mask_id: int) -> dict[str, np.ndarray]:
@@ -502,16 +580,19 @@ def training_examples(config: TrainConfig, ds: data_lib.SequenceDataset) -> Exam
     items, offsets = ds.train_items, ds.train_offsets
     starts, ends = offsets[:-1], offsets[1:]
     maxlen = required(config.maxlen, "maxlen") if config.model != "mfbpr" else 0
+    pack = bool(config.pack_rows)
+    # packed rows are split over the mesh's batch axis as batches are
+    rows = 1 if config.mesh is None else sharding_lib.parse_mesh_spec(config.mesh)[1]
     if config.model == "bert4rec":
         inputs = left_padded(items, starts, ends, maxlen)
         return Examples({"inputs": inputs}, np.arange(ds.num_users), "inputs",
                         mask_prob=config.mask_prob, mask_id=ds.num_items + 1,
-                        length_bucket=config.length_bucket)
+                        length_bucket=config.length_bucket, pack_rows=pack, row_multiple=rows)
     if config.model in ("sasrec", "stosa"):
         inputs = left_padded(items, starts, ends - 1, maxlen)
         targets = left_padded(items, starts + 1, ends, maxlen)
         return Examples({"inputs": inputs, "targets": targets}, np.arange(ds.num_users), "targets",
-                        length_bucket=config.length_bucket)
+                        length_bucket=config.length_bucket, pack_rows=pack, row_multiple=rows)
     if config.model == "gru4rec":
         user_of = np.repeat(np.arange(ds.num_users), np.diff(offsets))
         k = np.flatnonzero(np.arange(items.size) > starts[user_of])
@@ -749,9 +830,10 @@ def make_loss_fn(config: TrainConfig, model: nn.Module) -> Callable:
 
     def loss_fn(params, batch, key):
         variables = {"params": params}
+        packed = {k: batch[k] for k in ("positions", "segments") if k in batch}  # pack_rows
         if config.model == "bert4rec":
             hidden = model.apply(variables, batch["inputs"], deterministic=False,
-                                 rngs={"dropout": key})
+                                 rngs={"dropout": key}, **packed)
             hidden = cast(jax.Array, hidden)
             masked = hidden.reshape(-1, hidden.shape[-1])[batch["cloze_index"]]
             logits = cast(jax.Array, model.apply(variables, masked, method="score_all"))
@@ -761,7 +843,7 @@ def make_loss_fn(config: TrainConfig, model: nn.Module) -> Callable:
             hidden = model.apply(variables, batch["users"])
         else:
             hidden = model.apply(variables, batch["inputs"], deterministic=False,
-                                 rngs={"dropout": key})
+                                 rngs={"dropout": key}, **packed)
         logits = cast(jax.Array, model.apply(variables, hidden, items, method="score"))
         mask = batch["targets"] != 0
         if config.model == "sasrec":
@@ -920,7 +1002,7 @@ class ResumeError(ValueError):
 # onto any mesh) and when it stops (``epochs``: never below the epochs done).
 # ``data`` is compared by the data's content fingerprint, not by how the path is spelled.
 RESUME_HARMLESS = frozenset({"out", "progress", "eval_batch_size", "cache_dir", "patience",
-                             "epochs", "data", "mesh", "compile_cache"})
+                             "epochs", "data", "mesh", "compile_cache", "pack_rows"})
 DATA_FINGERPRINT = "data_fingerprint"  # the key a checkpoint's metadata stores it under
 GRAPH_FINGERPRINT = "graph_fingerprint"  # likewise, of the SEvo graph (None without SEvo)
 
@@ -1162,6 +1244,10 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
         if len(kept) < len(lines):
             notes.append(f"dropped {len(lines) - len(kept)} line(s) of {log_path} after the "
                          "checkpoint's epoch (trained again)")
+        if bool(saved.get("pack_rows")) != bool(config.pack_rows):
+            notes.append(f"pack_rows is {config.pack_rows} now, {saved.get('pack_rows')} for "
+                         "the checkpoint's epochs (the same loss, other batch layouts and "
+                         "dropout draws; metrics.jsonl's batch_rows marks packed epochs)")
         log("; ".join(notes))
 
     train_step = make_train_step(make_loss_fn(config, model), optimizer, shardings)
@@ -1177,8 +1263,9 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
         epoch_key = jax.random.fold_in(base_key, epoch)
         if plan is not None:
             epoch_key = plan.put(epoch_key, plan.replicated)
-        losses = []
+        losses, rows = [], []
         for step, batch in enumerate(examples.epoch_batches(sampler, batch_size, rng)):
+            rows.append(len(next(iter(batch.values()))))
             if plan is not None:
                 batch = plan.put(batch, plan.batch)
             params, opt_state, loss = train_step(params, opt_state, batch,
@@ -1186,6 +1273,8 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
             losses.append(loss)
         record: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(jax.device_get(losses))),
                   "train_seconds": round(time.perf_counter() - t0, 3)}
+        if examples.pack_rows:
+            record["batch_rows"] = round(float(np.mean(rows)), 2)  # packed rows per batch
         if not np.isfinite(record["loss"]):
             raise FloatingPointError(f"training loss became {record['loss']} at epoch {epoch}; "
                                      "lower --lr or check the data")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-CORE = ["graph", "operator", "operator_sharded", "psi", "transform", "optimizers"]
+CORE = ["graph", "operator", "operator_sharded", "psi", "transform", "optimizers", "xla_workarounds"]
 
 
 @pytest.mark.parametrize("name", CORE)

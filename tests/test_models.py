@@ -23,6 +23,7 @@ from sevo_jax.models import (
     cloze_loss,
     dropout_keep,
     masked_gru,
+    same_segment,
     sasrec_loss,
     sevo_mask,
     stosa_loss,
@@ -105,6 +106,34 @@ def test_sasrec_padding_invariance(sasrec):
     full = forward(params, left_pad(items, 20))
     np.testing.assert_allclose(short[:, -1], full[:, -1], atol=1e-5)
     np.testing.assert_allclose(short[:, -5:], full[:, -5:], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec", "stosa"])
+def test_packed_rows_give_each_item_its_unpacked_state(name):
+    """Two sequences packed into one row (``positions``: their columns before packing,
+    ``segments``: which sequence) get the states they have alone, left-padded to the row."""
+    model = {"sasrec": SASRec(NUM_ITEMS, maxlen=12, features=D, num_heads=2),
+             "bert4rec": BERT4Rec(NUM_ITEMS, maxlen=12, features=D, num_heads=2),
+             "stosa": STOSA(NUM_ITEMS, maxlen=12, features=D, num_heads=2)}[name]
+    example = jnp.ones((2, 8), jnp.int32)
+    params = model.init(jax.random.key(0), example, deterministic=True)
+    alone = model.apply(params, left_pad([[3, 1, 4], [9, 2, 6, 5]], 8), deterministic=True)
+    packed = jnp.array([[0, 3, 1, 4, 9, 2, 6, 5]], jnp.int32)
+    positions = jnp.array([[0, 5, 6, 7, 4, 5, 6, 7]], jnp.int32)
+    segments = jnp.array([[0, 1, 1, 1, 2, 2, 2, 2]], jnp.int32)
+    got = model.apply(params, packed, deterministic=True, positions=positions, segments=segments)
+    np.testing.assert_allclose(got[0, 1:4], alone[0, 5:], atol=2e-6)
+    np.testing.assert_allclose(got[0, 4:], alone[1, 4:], atol=2e-6)
+    unmasked = model.apply(params, packed, deterministic=True, positions=positions)
+    assert not np.allclose(unmasked[0, 4:], alone[1, 4:], atol=1e-3)  # the segments matter
+
+
+def test_same_segment_mask():
+    mask = same_segment(jnp.array([[0, 1, 1, 2], [3, 3, 3, 3]]))
+    assert mask.shape == (2, 1, 4, 4)
+    assert mask[0, 0].astype(int).tolist() == [[1, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0],
+                                                [0, 0, 0, 1]]
+    assert bool(mask[1].all())
 
 
 def test_sasrec_reference_mask_lets_items_attend_to_padding(sasrec):

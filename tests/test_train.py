@@ -62,7 +62,7 @@ BAD_VALUES = {
     "eval_every": 0, "patience": 0, "eval_batch_size": 0, "kcore": -1, "keep_duplicates": "yes",
     "cache_dir": 3, "out": "", "progress": None, "mesh": 8, "attention_dropout": 1.0,
     "mask_prob": -0.1, "pvn_weight": -1.0, "lr_decay_factor": 0.0, "lr_decay_every": 0,
-    "length_bucket": 0,
+    "length_bucket": 0, "pack_rows": "yes",
     "dropout_bits": 8, "compile_cache": "yes",
 }
 
@@ -306,15 +306,34 @@ def test_fields_a_model_does_not_read_never_block_a_resume():
 
 
 
-def test_resume_of_a_stosa_checkpoint_from_before_length_buckets():
-    """Such a checkpoint trained full-width batches: it resumes with a bucket of its maxlen
-    (which never trims), not with the new default."""
+def test_resume_of_a_stosa_checkpoint_with_length_buckets():
+    """A checkpoint trained with length buckets (STOSA's default before packed rows) resumes
+    only with its bucket: the batch widths it trained with; one of maxlen or more never trims,
+    the same as None."""
     new = dataclasses.asdict(training.TrainConfig(model="stosa").resolved())
-    assert new["length_bucket"] == 10 and new["maxlen"] == 100
-    older = {k: v for k, v in new.items() if k not in ("length_bucket", "dropout_bits")}
-    (why,) = training.resume_conflicts(older, dict(new, dropout_bits=32))
-    assert why == "length_bucket is None in the checkpoint, 10 now"
-    assert training.resume_conflicts(older, dict(new, dropout_bits=32, length_bucket=100)) == []
+    assert new["length_bucket"] is None and new["maxlen"] == 100 and new["pack_rows"] is True
+    older = dict(new, length_bucket=10)
+    (why,) = training.resume_conflicts(older, new)
+    assert why == "length_bucket is 10 in the checkpoint, None now"
+    assert training.resume_conflicts(older, dict(new, length_bucket=10)) == []
+    assert training.resume_conflicts(dict(new, length_bucket=100), new) == []
+
+
+@pytest.mark.parametrize("model", ["sasrec", "bert4rec", "stosa"])
+def test_a_checkpoint_from_before_packed_rows_resumes_packed(model):
+    """``pack_rows`` changes the batch layout and the dropout draws, not the model or the
+    loss: a run may resume with or without it (RESUME_HARMLESS)."""
+    new = dataclasses.asdict(training.TrainConfig(model=model).resolved())
+    older = {k: v for k, v in new.items() if k != "pack_rows"}
+    assert training.resume_conflicts(older, new) == []
+    assert training.resume_conflicts(new, dict(new, pack_rows=False)) == []
+
+
+def test_pack_rows_needs_a_transformer_model(capsys, tmp_path):
+    _fails(capsys, ["--model", "gru4rec", "--no-pack-rows", "--out", tmp_path / "o"],
+           "--pack-rows applies to sasrec, bert4rec and stosa only; gru4rec does not use it")
+    assert not (tmp_path / "o").exists()
+
 
 # ---- item 8: errors name their subject ---------------------------------------------------------
 

@@ -470,7 +470,7 @@ def test_graphs_and_tables_of_the_new_models(small_ds):
 
 
 def test_cloze_batches_mask_items_only(small_ds):
-    cfg = training.TrainConfig(model="bert4rec", **SMALL).resolved()
+    cfg = training.TrainConfig(model="bert4rec", pack_rows=False, **SMALL).resolved()
     examples = training.training_examples(cfg, small_ds)
     originals = examples.arrays["inputs"]
     rng = np.random.default_rng(0)
@@ -537,6 +537,8 @@ def test_length_buckets_change_batch_shapes_not_the_loss(small_ds, model):
         model, SMALL | {"maxlen": 24, "batch_size": 16})).resolved()
     if model in ("bert4rec", "stosa"):
         cfg = dataclasses.replace(cfg, attention_dropout=0.0, num_heads=2)
+    if model != "gru4rec":  # trimming alone
+        cfg = dataclasses.replace(cfg, pack_rows=False)
     full = dataclasses.replace(cfg, length_bucket=None)
     trim = dataclasses.replace(cfg, length_bucket=4)
     model_, _, params, _ = training.init_training(full, small_ds)
@@ -554,6 +556,57 @@ def test_length_buckets_change_batch_shapes_not_the_loss(small_ds, model):
         np.testing.assert_allclose(float(loss(params, b, key)), float(loss(params, a, key)),
                                    rtol=2e-6)
     assert max(widths) < 24
+
+def test_pack_rows_places_every_item_once_with_its_column_and_sequence():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 11, 37)
+    inputs = np.where(np.arange(10) >= 10 - lengths[:, None], rng.integers(1, 99, (37, 10)), 0)
+    batch = {"inputs": inputs, "targets": inputs + 1000}
+    got = training.pack_rows(batch, row_multiple=3)
+    rows = got["inputs"].shape[0]
+    assert rows % 3 == 0 and rows >= -(-lengths.sum() // 10) and rows < 37
+    assert all(v.shape == (rows, 10) for v in got.values())
+    seg, col = got["segments"], got["positions"]
+    np.testing.assert_array_equal(got["inputs"] != 0, seg != 0)
+    np.testing.assert_array_equal(got["targets"][seg != 0], got["inputs"][seg != 0] + 1000)
+    np.testing.assert_array_equal(inputs[seg[seg != 0] - 1, col[seg != 0]], got["inputs"][seg != 0])
+    assert sorted((seg[seg != 0] - 1).tolist()) == sorted(np.repeat(np.arange(37), lengths).tolist())
+    for r in range(rows):  # each sequence whole and in order in one row
+        for s_ in set(seg[r][seg[r] != 0].tolist()):
+            cols = np.flatnonzero(seg[r] == s_)
+            assert np.all(np.diff(cols) == 1) and np.all(np.diff(col[r, cols]) == 1)
+    with pytest.raises(ValueError, match="packs \\(B, T\\) arrays of one shape"):
+        training.pack_rows({"inputs": inputs, "users": np.arange(37)})
+
+
+@pytest.mark.parametrize("model", ["sasrec", "bert4rec", "stosa"])
+def test_packed_rows_change_batch_shapes_not_the_loss_or_gradient(small_ds, model):
+    """Without dropout, every batch's loss and gradient are the same packed as unpacked; the
+    batches have fewer rows."""
+    cfg = training.TrainConfig(dropout=0.0, optimizer="adamw", **helpers.config_fields(
+        model, SMALL | {"maxlen": 24, "batch_size": 16})).resolved()
+    if model in ("bert4rec", "stosa"):
+        cfg = dataclasses.replace(cfg, attention_dropout=0.0, num_heads=2)
+    assert cfg.pack_rows is True  # the default
+    flat = dataclasses.replace(cfg, pack_rows=False)
+    model_, _, params, _ = training.init_training(flat, small_ds)
+    grad = jax.jit(jax.value_and_grad(training.make_loss_fn(flat, model_)))
+    key = jax.random.PRNGKey(0)
+    sampler = training.NegativeSampler(small_ds)
+    rows = []
+    for a, b in zip(
+            training.training_examples(flat, small_ds).epoch_batches(
+                sampler, 16, np.random.default_rng(3)),
+            training.training_examples(cfg, small_ds).epoch_batches(
+                sampler, 16, np.random.default_rng(3)), strict=True):
+        rows.append(b["inputs"].shape[0])
+        (la, ga), (lb, gb) = grad(params, a, key), grad(params, b, key)
+        np.testing.assert_allclose(float(lb), float(la), rtol=2e-6)
+        scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(ga))
+        for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+            np.testing.assert_allclose(y, x, rtol=2e-4, atol=1e-6 * scale)
+    assert max(rows) < 16
+
 
 @pytest.mark.parametrize("model", ["bert4rec", "stosa"])
 def test_scorer_ranks_as_the_reference(small_ds, model):

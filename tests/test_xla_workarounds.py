@@ -1,0 +1,97 @@
+"""The XLA:CPU workaround that ``import sevo_jax`` applies (``sevo_jax/xla_workarounds.py``)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sevo_jax import xla_workarounds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# SASRec (Beauty's 12,101 items, d = 64, maxlen 50, 2 blocks, no dropout, init key 0) on one
+# Beauty training sequence: its gradient at a batch of 64 rows (the rest padding) must equal
+# the one at 128 rows. jaxlib 0.10.2's YNN reductions made them differ by 5.5e-2 of the
+# largest entry; the 128-row one agrees with float64 autodiff.
+REPRO = textwrap.dedent("""
+    import json, sys
+    import numpy as np, jax, jax.numpy as jnp
+    import sevo_jax
+    from sevo_jax import models, training
+    T = 50
+    cfg = training.TrainConfig(model="sasrec", optimizer="adamw", dropout=0.0,
+                               pack_rows=False).resolved()
+    model = models.SASRec(12101, maxlen=T, features=64, num_blocks=2, num_heads=1,
+                          dropout=0.0, dropout_bits=16)
+    params = model.init(jax.random.key(0), jnp.ones((1, T), jnp.int32),
+                        deterministic=True)["params"]
+    seq = [2349, 3638, 3275, 1265, 1977, 1269, 763, 764, 883, 1232, 5179, 3062, 9419, 1385,
+           9341, 5573, 75]
+    neg = [6581, 144, 11865, 4468, 10285, 9448, 6610, 7631, 4851, 3844, 419, 7467, 10412,
+           10636, 4116, 6417]
+    grad = jax.jit(jax.grad(training.make_loss_fn(cfg, model)))
+    out = []
+    for rows in (64, 128):
+        b = {k: np.zeros((rows, T), np.int32) for k in ("inputs", "targets", "negatives")}
+        L = len(neg)
+        b["inputs"][0, T - L:], b["targets"][0, T - L:] = seq[:-1], seq[1:]
+        b["negatives"][0, T - L:] = neg
+        g = grad(params, b, jax.random.PRNGKey(0))
+        out.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]))
+    print(json.dumps({"rel": float(np.abs(out[0] - out[1]).max() / np.abs(out[1]).max())}))
+""")
+
+
+def _run(env_extra: dict) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",
+                                                              "SEVO_JAX_KEEP_XLA_FLAGS")}
+    env.update(env_extra, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", REPRO], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])["rel"]
+
+
+def test_gradients_do_not_depend_on_the_padding_rows():
+    assert _run({}) < 1e-5
+
+
+def test_without_the_workaround_jaxlib_0_10_reductions_may_differ(capsys):
+    """Not asserted (a later jaxlib may fix it): prints what the same program gives without
+    the flag, for the record."""
+    rel = _run({"SEVO_JAX_KEEP_XLA_FLAGS": "1"})
+    with capsys.disabled():
+        print(f"\n[xla_workarounds] without the flag: relative difference {rel:.1e}")
+
+
+@pytest.mark.parametrize("env, version, added", [
+    ({}, "0.10.2", True),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, "0.10.0", True),
+    ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=DOT"}, "0.10.2", False),  # the user's
+    ({"SEVO_JAX_KEEP_XLA_FLAGS": "1"}, "0.10.2", False),
+    ({}, "0.11.0", False),  # may lack the option: XLA aborts on unknown flags
+])
+def test_the_flag_is_added_only_where_it_applies(env, version, added):
+    before = env.get("XLA_FLAGS", "")
+    assert xla_workarounds.disable_ynn_reductions(env, version) is added
+    if added:
+        assert env["XLA_FLAGS"] == f"{before} {xla_workarounds.YNN_FLAG}".strip()
+    else:
+        assert env.get("XLA_FLAGS", "") == before
+
+
+def test_importing_sevo_jax_sets_it_before_jax_runs():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = "import os, sevo_jax, jax; jax.numpy.ones(1); print(os.environ.get('XLA_FLAGS'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env | {"PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import jaxlib
+
+    if jaxlib.__version__.startswith("0.10."):
+        assert out.stdout.strip() == xla_workarounds.YNN_FLAG
