@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     print(_util.machine_line(info))
     ds, source = _util.model_data(args.data, args.smoke)
     cfg = training.TrainConfig(model="bert4rec", optimizer=args.optimizer, progress=False,
-                               **source).resolved()
+                               pack_rows=False, **source).resolved()  # measured unpacked
     model, tx, params, state = training.init_training(cfg, ds)
     loss_fn = training.make_loss_fn(cfg, model)
     examples = training.training_examples(cfg, ds)

@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     rows = []
     for name in args.models:
         cfg = training.TrainConfig(model=name, optimizer="adamw", progress=False,
-                                   **source).resolved()
+                                   pack_rows=False, **source).resolved()  # measured unpacked
         model, _, params, _ = training.init_training(cfg, ds)
         variants = {f"bits {b}": model.clone(dropout_bits=b) for b in (32, 16)}
         if before is not None:

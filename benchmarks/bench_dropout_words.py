@@ -80,7 +80,8 @@ def main(argv=None) -> None:
     try:
         for name in args.models:
             cfg = training.TrainConfig(model=name, optimizer="adamw", progress=False,
-                                       **source).resolved()
+                                       pack_rows=False if name != "gru4rec" else None,
+                                       **source).resolved()  # measured unpacked
             model, tx, params, state = training.init_training(cfg, ds)
             batch = next(training.training_examples(cfg, ds).epoch_batches(
                 training.NegativeSampler(ds), cfg.batch_size, np.random.default_rng(0)))
