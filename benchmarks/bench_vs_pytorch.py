@@ -27,7 +27,8 @@ abs differences; it stops with a one-line error when one exceeds its tolerance):
 * loss and every parameter's gradient of one batch (SASRec, GRU4Rec);
 * three optimizer updates fed identical gradients (AdamW and SEvo-AdamW, both models), in
   units of the learning rate;
-* three full training steps (losses and parameters);
+* three full training steps: losses, and each step's gradient against torch's at our current
+  parameters (the parameters after three steps are recorded, not checked: they drift);
 * the full-ranking validation metrics (HR@k, NDCG@k) and every user's target rank.
 
 Then, in ONE process pinned to one core (``_util.limit_threads``: one thread per library,
@@ -81,7 +82,6 @@ TOLERANCES = {
     "grad_rel": 1e-4,
     "update_same_grads_lr": 1e-3,
     "train_loss": 1e-4,
-    "train_param_lr": 5e-2,
     "metrics": 2e-3,
     # float32 near-ties may swap a target and one item (Beauty, random init: 8e-4 of users)
     "rank_mismatch_fraction": 5e-3,
@@ -656,12 +656,22 @@ def run_agreement(setup, ref) -> dict:
             load_into(mod, flax_to_torch(m, params))
             mod.train()
             topt = torch_optimizer(ref, setup, mod, o, torch_csr)
-            loss_diff = 0.0
+            loss_diff = step_grad_rel = 0.0
             for k in range(3):
                 b = setup.batches[m][k % len(setup.batches[m])]
-                ours_b = setup.our_batches[m][k % len(setup.batches[m])]
-                p_run, s_run, l_ours = step(p_run, s_run, {kk: jnp.asarray(v) for kk, v in ours_b.items()},
-                                            jax.random.PRNGKey(k))
+                ours_b = {kk: jnp.asarray(v) for kk, v in
+                          setup.our_batches[m][k % len(setup.batches[m])].items()}
+                # each step's gradient against torch's at OUR current parameters: the two
+                # trajectories below drift apart (Adam turns float32 noise in near-zero
+                # gradients into +-lr steps), this comparison does not
+                at_ours = torch_model(ref, setup, m, 0.0, mask_padding_keys=True)
+                load_into(at_ours, flax_to_torch(m, p_run))
+                at_ours.train()
+                at_ours.loss(*torch_batch(m, b)).backward()
+                g_ours = flax_to_torch(m, loss_and_grad(p_run, ours_b, jax.random.PRNGKey(k))[1])
+                step_grad_rel = max(step_grad_rel, max(rel_max_abs(g_ours[n], q.grad)
+                                                       for n, q in at_ours.named_parameters()))
+                p_run, s_run, l_ours = step(p_run, s_run, ours_b, jax.random.PRNGKey(k))
                 l_t = mod.loss(*torch_batch(m, b))
                 topt.zero_grad()
                 l_t.backward()
@@ -678,9 +688,13 @@ def run_agreement(setup, ref) -> dict:
                 key_bias = max(key_bias, float(diffs[n][d:2 * d].max()))
                 diffs[n][d:2 * d] = 0.0
             check(agreement, f"{m}_{o}_train_loss", loss_diff, "train_loss")
+            check(agreement, f"{m}_{o}_train_step_grad_rel", step_grad_rel, "grad_rel")
             worst = max((float(v.max()), n) for n, v in diffs.items())
             agreement["info"][f"{m}_{o}_train_param_worst_leaf"] = worst[1]
-            check(agreement, f"{m}_{o}_train_param_lr", worst[0], "train_param_lr")
+            # recorded, not checked: after three steps an entry whose gradient is near zero
+            # can differ by ~lr (Beauty, SASRec AdamW: 0.01 lr or 1.2 lr depending on XLA's
+            # reduction order; BENCHMARKS.md "XLA:CPU's YNN reductions")
+            agreement["info"][f"{m}_{o}_train_param_lr"] = worst[0]
             if m == "sasrec":
                 agreement["info"][f"{m}_{o}_train_key_bias_lr"] = key_bias
 
