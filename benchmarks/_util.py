@@ -24,6 +24,10 @@ THREAD_ENV_VARS = (
     "NUMEXPR_NUM_THREADS",
 )
 
+# Amazon Beauty in the shared data folder beside the repository (read there, never copied)
+BEAUTY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                      "amazon-beauty", "Beauty.txt")
+
 # Restricts XLA:CPU's Eigen pool for dense ops; a single core is enforced by CPU affinity, which
 # every thread of the process inherits (the equivalent of running under `taskset -c CPU`).
 XLA_SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false"
@@ -149,6 +153,28 @@ def model_data(path: str | None, smoke: bool, seq_len: tuple[int, int] = (5, 12)
                 dict(maxlen=maxlen, batch_size=16, features=16))
     fmt = data.detect_format(path)
     return data.load_dataset(fmt, path), dict(data=path, format=fmt)
+
+
+def unpacked(config):
+    """``config`` (a ``training.TrainConfig``) with its batches unpacked: ``pack_rows=False``
+    where the model packs rows, unchanged where it has no such option (GRU4Rec, MF-BPR)."""
+    import dataclasses
+
+    return config if config.pack_rows is None else dataclasses.replace(config, pack_rows=False)
+
+
+def undonated_train_step(loss_fn, tx):
+    """The trainer's step (``training.make_train_step``) without its buffer donation, so that
+    every timed call can reuse the same params and state; not jitted."""
+    import jax
+    import optax
+
+    def train_step(params, state, batch, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    return train_step
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

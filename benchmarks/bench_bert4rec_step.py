@@ -32,7 +32,7 @@ VARIANTS = ("power of two", "cloze_size")
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="a data file (default: ../shared Beauty)")
+    p.add_argument("--data", default=_util.BEAUTY, help="a data file (default: ../shared Beauty)")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--rounds", type=int, default=2, help="passes over the batches")
@@ -40,16 +40,12 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if args.data is None:
-        args.data = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                 "amazon-beauty", "Beauty.txt")
     if args.smoke:
         args.batches, args.rounds = 2, 1
     _util.limit_threads(args.cpu)
 
     import jax
     import numpy as np
-    import optax
 
     from sevo_jax import training
 
@@ -78,12 +74,7 @@ def main(argv=None) -> None:
             out[k] = np.pad(batch[k][:real], (0, size - real))
         return out
 
-    # the trainer's step (training.make_train_step) without its buffer donation, so that
-    # every timed call can reuse the same params and state
-    def train_step(p_, s_, batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(p_, batch, key)
-        updates, s_ = tx.update(grads, s_, p_)
-        return optax.apply_updates(p_, updates), s_, loss
+    train_step = _util.undonated_train_step(loss_fn, tx)
 
     key = jax.random.PRNGKey(0)
     steps, inputs = {}, {}

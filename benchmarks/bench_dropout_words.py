@@ -79,9 +79,8 @@ def main(argv=None) -> None:
                     "words_s": {v: float(np.median(ts)) for v, ts in words.items()}}
     try:
         for name in args.models:
-            cfg = training.TrainConfig(model=name, optimizer="adamw", progress=False,
-                                       pack_rows=False if name != "gru4rec" else None,
-                                       **source).resolved()  # measured unpacked
+            cfg = _util.unpacked(training.TrainConfig(  # measured unpacked
+                model=name, optimizer="adamw", progress=False, **source).resolved())
             model, tx, params, state = training.init_training(cfg, ds)
             batch = next(training.training_examples(cfg, ds).epoch_batches(
                 training.NegativeSampler(ds), cfg.batch_size, np.random.default_rng(0)))

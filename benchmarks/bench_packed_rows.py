@@ -34,7 +34,7 @@ LAYOUTS = ("unpacked", "packed")
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="a data file (default: ../shared Beauty)")
+    p.add_argument("--data", default=_util.BEAUTY, help="a data file (default: ../shared Beauty)")
     p.add_argument("--models", default="sasrec,bert4rec,stosa")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--batches", type=int, default=8)
@@ -43,16 +43,12 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if args.data is None:
-        args.data = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                 "amazon-beauty", "Beauty.txt")
     if args.smoke:
         args.batches, args.rounds = 2, 1
     _util.limit_threads(args.cpu)
 
     import jax
     import numpy as np
-    import optax
 
     from sevo_jax import training
 
@@ -66,7 +62,7 @@ def main(argv=None) -> None:
                              "bert4rec, stosa")
         cfg = training.TrainConfig(model=m, optimizer=args.optimizer, progress=False,
                                    **source).resolved()
-        unpacked = dataclasses.replace(cfg, pack_rows=False)
+        unpacked = _util.unpacked(cfg)
         model, tx, params, state = training.init_training(unpacked, ds)
         batches = {}
         for layout, config in (("unpacked", unpacked), ("packed", cfg)):
@@ -75,17 +71,6 @@ def main(argv=None) -> None:
             it = training.training_examples(config, ds).epoch_batches(
                 training.NegativeSampler(ds), cfg.batch_size, np.random.default_rng(0))
             batches[layout] = [b for _, b in zip(range(args.batches), it)]
-
-        def step_fn(config):
-            loss_fn = training.make_loss_fn(config, model)
-
-            # the trainer's step (training.make_train_step) without its buffer donation, so
-            # that every timed call can reuse the same params and state
-            def train_step(p_, s_, batch, key):
-                loss, grads = jax.value_and_grad(loss_fn)(p_, batch, key)
-                updates, s_ = tx.update(grads, s_, p_)
-                return optax.apply_updates(p_, updates), s_, loss
-            return jax.jit(train_step), jax.jit(jax.value_and_grad(loss_fn))
 
         key = jax.random.PRNGKey(0)
         no_dropout = dataclasses.replace(unpacked, dropout=0.0, **(
@@ -103,7 +88,7 @@ def main(argv=None) -> None:
         if loss_diff > 1e-5 or grad_diff > 1e-4:
             raise SystemExit(f"bench_packed_rows: {m}: packed and unpacked batches disagree")
 
-        step, _ = step_fn(unpacked)
+        step = jax.jit(_util.undonated_train_step(training.make_loss_fn(unpacked, model), tx))
         inputs = {k: [jax.device_put(b) for b in batches[k]] for k in LAYOUTS}
         compiled: dict = {}
 
@@ -127,11 +112,11 @@ def main(argv=None) -> None:
         ratios = [a / b for a, b in zip(times["packed"], times["unpacked"], strict=True)]
         shape = {k: (statistics.mean(b["inputs"].shape[0] for b in batches[k]),
                      batches[k][0]["inputs"].shape[1]) for k in LAYOUTS}
+        mean = {k: statistics.mean(times[k]) for k in LAYOUTS}
         rows.append([m, f"{cfg.batch_size} x {shape['unpacked'][1]}",
                      f"{shape['packed'][0]:.1f} x {shape['packed'][1]}",
-                     f"{1e3 * statistics.mean(times['unpacked']):.0f} ms",
-                     f"{1e3 * statistics.mean(times['packed']):.0f} ms",
-                     f"**{statistics.mean(times['packed']) / statistics.mean(times['unpacked']):.3f}**",
+                     f"{1e3 * mean['unpacked']:.0f} ms", f"{1e3 * mean['packed']:.0f} ms",
+                     f"**{mean['packed'] / mean['unpacked']:.3f}**",
                      f"{statistics.median(ratios):.3f}", f"{loss_diff:.0e} / {grad_diff:.0e}"])
         record["models"][m] = {"times": times, "loss_diff": loss_diff, "grad_diff": grad_diff}
     print(f"\n{args.batches} batches per model, {args.optimizer} step; load average at the end: "

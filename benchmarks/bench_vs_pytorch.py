@@ -49,7 +49,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import statistics
@@ -432,8 +431,7 @@ class Setup:
                                          progress=False, **sizes).resolved()
             for m in MODELS for o in OPTIMIZERS}
         if args.no_pack_rows:
-            self.configs = {k: dataclasses.replace(c, pack_rows=c.pack_rows and False)
-                            for k, c in self.configs.items()}
+            self.configs = {k: _util.unpacked(c) for k, c in self.configs.items()}
         base = self.configs[("sasrec", "sevo-adamw")]
         self.adjacency = training.build_graph(base, self.ds)
         # the torch side gets the reference's (unpacked) batches, ours the same batches as
@@ -441,8 +439,7 @@ class Setup:
         self.batches, self.our_batches = {}, {}
         for m in MODELS:
             cfg = self.configs[(m, "adamw")]
-            unpacked = dataclasses.replace(cfg, pack_rows=cfg.pack_rows and False)
-            it = training.training_examples(unpacked, self.ds).epoch_batches(
+            it = training.training_examples(_util.unpacked(cfg), self.ds).epoch_batches(
                 training.NegativeSampler(self.ds), cfg.batch_size, np.random.default_rng([0, 1]))
             self.batches[m] = [next(it) for _ in range(4 if not args.smoke else 2)]
             self.our_batches[m] = [training.pack_rows(b) if cfg.pack_rows else b

@@ -76,8 +76,8 @@ class SASRec(nnx.Module):
         valid = seqs != 0
         keep = valid[..., None].astype(jnp.float32)
         x = self.item_embedding(seqs) * jnp.sqrt(float(self.features))
-        columns = jnp.arange(length) if positions is None else positions
-        x = x + self.position_embedding(self.maxlen - length + columns)
+        x = x + self.position_embedding(
+            models.right_aligned_positions(self.maxlen, length, positions))
         x = self.embedding_dropout(x, deterministic=deterministic, rngs=rngs) * keep
         mask = nnx.make_causal_mask(seqs, dtype=bool)
         if self.mask_padding_keys:

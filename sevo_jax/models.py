@@ -55,6 +55,7 @@ __all__ = [
     "cloze_loss",
     "dropout_keep",
     "masked_gru",
+    "right_aligned_positions",
     "same_segment",
     "sasrec_loss",
     "sevo_mask",
@@ -286,6 +287,21 @@ class LayerNorm(nn.Module):
         return _layer_norm(x, scale, bias, self.epsilon)
 
 
+def right_aligned_positions(maxlen: int, length: int,
+                            columns: jax.Array | None = None) -> jax.Array:
+    """Position ids of an input ``(B, length)``'s columns, right-aligned to ``maxlen``:
+    ``maxlen - length + column``. ``columns``: each item's column before packing
+    (``sevo_jax.training.pack_rows``' ``positions``); default every column in order.
+
+    Examples:
+      >>> right_aligned_positions(5, 3).tolist()
+      [2, 3, 4]
+      >>> right_aligned_positions(5, 3, jnp.array([[0, 2, 1]])).tolist()
+      [[2, 4, 3]]
+    """
+    return maxlen - length + (jnp.arange(length) if columns is None else columns)
+
+
 def same_segment(segments: jax.Array) -> jax.Array:
     """``(B, 1, T, T)`` attention mask of packed rows: query ``i`` may see key ``j`` iff both
     belong to the same sequence (``segments[b, i] == segments[b, j]``).
@@ -391,8 +407,7 @@ class SASRec(nn.Module):
         valid = seqs != 0
         keep = valid[..., None].astype(jnp.float32)
 
-        positions = self.maxlen - length + (jnp.arange(length) if positions is None
-                                            else positions)
+        positions = right_aligned_positions(self.maxlen, length, positions)
         x = self.item_embedding(seqs) * jnp.sqrt(float(self.features))
         x = x + self.position_embedding(positions)
         x = self.embedding_dropout(x, deterministic=deterministic) * keep
@@ -816,8 +831,7 @@ class BERT4Rec(nn.Module):
         length = seqs.shape[-1]
         if length > self.maxlen:
             raise ValueError(f"sequence length {length} exceeds maxlen {self.maxlen}")
-        positions = self.maxlen - length + (jnp.arange(length) if positions is None
-                                            else positions)
+        positions = right_aligned_positions(self.maxlen, length, positions)
         x = self.item_embedding(seqs) + self.position_embedding(positions)
         x = self.embedding_dropout(self.embedding_norm(x), deterministic=deterministic)
         mask = (seqs != 0)[:, None, None, :]
@@ -1022,8 +1036,7 @@ class STOSA(nn.Module):
         length = seqs.shape[-1]
         if length > self.maxlen:
             raise ValueError(f"sequence length {length} exceeds maxlen {self.maxlen}")
-        positions = self.maxlen - length + (jnp.arange(length) if positions is None
-                                            else positions)
+        positions = right_aligned_positions(self.maxlen, length, positions)
 
         def embed(table, position_table):
             x = self.embedding_norm(table(seqs) + position_table(positions))

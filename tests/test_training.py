@@ -529,14 +529,29 @@ def test_trimmed_padding_keeps_a_bucket_multiple_of_the_used_columns():
     assert training.trimmed_padding(empty, 3)["inputs"].shape == (2, 3)
 
 
-@pytest.mark.parametrize("model", ["sasrec", "gru4rec", "bert4rec", "stosa"])
-def test_length_buckets_change_batch_shapes_not_the_loss(small_ds, model):
-    """Without dropout, every batch's loss is the same trimmed (length_bucket 4) as at full
-    width: right-aligned positions and masked padding keys. Batches get narrower."""
+def _dropout_free_config(model: str) -> training.TrainConfig:
+    """A small config of ``model`` without dropout (batches of 16 x 24): batch layouts that
+    keep each item's state then give the same losses."""
     cfg = training.TrainConfig(dropout=0.0, optimizer="adamw", **helpers.config_fields(
         model, SMALL | {"maxlen": 24, "batch_size": 16})).resolved()
     if model in ("bert4rec", "stosa"):
         cfg = dataclasses.replace(cfg, attention_dropout=0.0, num_heads=2)
+    return cfg
+
+
+def _paired_batches(ds, first: training.TrainConfig, second: training.TrainConfig):
+    """The batches of an epoch under two configs from one generator seed, in pairs: the same
+    examples, negatives and cloze masks, each config's layout."""
+    sampler = training.NegativeSampler(ds)
+    return zip(*(training.training_examples(c, ds).epoch_batches(
+        sampler, 16, np.random.default_rng(3)) for c in (first, second)), strict=True)
+
+
+@pytest.mark.parametrize("model", ["sasrec", "gru4rec", "bert4rec", "stosa"])
+def test_length_buckets_change_batch_shapes_not_the_loss(small_ds, model):
+    """Without dropout, every batch's loss is the same trimmed (length_bucket 4) as at full
+    width: right-aligned positions and masked padding keys. Batches get narrower."""
+    cfg = _dropout_free_config(model)
     if model != "gru4rec":  # trimming alone
         cfg = dataclasses.replace(cfg, pack_rows=False)
     full = dataclasses.replace(cfg, length_bucket=None)
@@ -544,18 +559,14 @@ def test_length_buckets_change_batch_shapes_not_the_loss(small_ds, model):
     model_, _, params, _ = training.init_training(full, small_ds)
     loss = jax.jit(training.make_loss_fn(full, model_))
     key = jax.random.PRNGKey(0)
-    sampler = training.NegativeSampler(small_ds)
     widths = []
-    for a, b in zip(
-            training.training_examples(full, small_ds).epoch_batches(
-                sampler, 16, np.random.default_rng(3)),
-            training.training_examples(trim, small_ds).epoch_batches(
-                sampler, 16, np.random.default_rng(3)), strict=True):
+    for a, b in _paired_batches(small_ds, full, trim):
         widths.append(b["inputs"].shape[1])
         assert a["inputs"].shape[1] == 24 and widths[-1] % 4 == 0
         np.testing.assert_allclose(float(loss(params, b, key)), float(loss(params, a, key)),
                                    rtol=2e-6)
     assert max(widths) < 24
+
 
 def test_pack_rows_places_every_item_once_with_its_column_and_sequence():
     rng = np.random.default_rng(0)
@@ -583,22 +594,14 @@ def test_pack_rows_places_every_item_once_with_its_column_and_sequence():
 def test_packed_rows_change_batch_shapes_not_the_loss_or_gradient(small_ds, model):
     """Without dropout, every batch's loss and gradient are the same packed as unpacked; the
     batches have fewer rows."""
-    cfg = training.TrainConfig(dropout=0.0, optimizer="adamw", **helpers.config_fields(
-        model, SMALL | {"maxlen": 24, "batch_size": 16})).resolved()
-    if model in ("bert4rec", "stosa"):
-        cfg = dataclasses.replace(cfg, attention_dropout=0.0, num_heads=2)
+    cfg = _dropout_free_config(model)
     assert cfg.pack_rows is True  # the default
     flat = dataclasses.replace(cfg, pack_rows=False)
     model_, _, params, _ = training.init_training(flat, small_ds)
     grad = jax.jit(jax.value_and_grad(training.make_loss_fn(flat, model_)))
     key = jax.random.PRNGKey(0)
-    sampler = training.NegativeSampler(small_ds)
     rows = []
-    for a, b in zip(
-            training.training_examples(flat, small_ds).epoch_batches(
-                sampler, 16, np.random.default_rng(3)),
-            training.training_examples(cfg, small_ds).epoch_batches(
-                sampler, 16, np.random.default_rng(3)), strict=True):
+    for a, b in _paired_batches(small_ds, flat, cfg):
         rows.append(b["inputs"].shape[0])
         (la, ga), (lb, gb) = grad(params, a, key), grad(params, b, key)
         np.testing.assert_allclose(float(lb), float(la), rtol=2e-6)
