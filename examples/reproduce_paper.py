@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sevo_jax import data, training
+from sevo_jax import data, host_memory, training
 
 # SEVO_SPEC.md §5: SEvo-AdamW, mean of 5 seeds, full ranking, test split. STOSA and the two
 # MF-BPR forms: the means of the reference's logged Beauty runs as quoted in issue #15 (the
@@ -171,6 +171,7 @@ def summarise(args, grid: dict, dataset_key: str) -> str:
 
 
 def main(argv=None) -> None:
+    host_memory.keep_freed_memory()  # as sevo-train (sevo_jax/host_memory.py)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None)
     p.add_argument("--format", default=None)

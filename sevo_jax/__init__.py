@@ -16,7 +16,9 @@ direction::
 state or plain dicts) stands beside the core and imports none of it. ``sharding.py`` (the
 trainer's placement on a mesh), ``checkpoint.py`` and ``data``/``models``/``training``/``train``
 (the experiment pipeline) build on the core; the core never imports them.
-``xla_workarounds.py`` sets an XLA:CPU flag at import (wrong YNN reductions in jaxlib 0.10).
+``xla_workarounds.py`` sets an XLA:CPU flag at import (wrong YNN reductions in jaxlib 0.10);
+``host_memory.py`` holds the glibc malloc settings the trainer's CLIs apply (no page faults on
+XLA:CPU's per-step temporaries).
 """
 
 from sevo_jax.xla_workarounds import disable_ynn_reductions

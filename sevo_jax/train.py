@@ -14,7 +14,7 @@ import json
 import sys
 
 from sevo_jax import data as data_lib
-from sevo_jax import training
+from sevo_jax import host_memory, training
 
 PROG = "sevo-train"
 
@@ -189,6 +189,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.keep_freed_memory()  # before JAX starts its threads (sevo_jax/host_memory.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     given = [f for f in ("coordinator", "num_processes", "process_id")

@@ -836,8 +836,8 @@ def make_loss_fn(config: TrainConfig, model: nn.Module) -> Callable:
                                  rngs={"dropout": key}, **packed)
             hidden = cast(jax.Array, hidden)
             masked = hidden.reshape(-1, hidden.shape[-1])[batch["cloze_index"]]
-            logits = cast(jax.Array, model.apply(variables, masked, method="score_all"))
-            return models.cloze_loss(logits, batch["cloze_labels"])
+            return cast(jax.Array, model.apply(variables, masked, batch["cloze_labels"],
+                                               method="cloze_loss"))
         items = jnp.stack([batch["targets"], batch["negatives"]], axis=-1)
         if config.model == "mfbpr":
             hidden = model.apply(variables, batch["users"])

@@ -36,6 +36,8 @@ ERROR_BOUNDS = {
     "bench_smoothing": ("rel_err", 1e-5),                       # jax psi vs scipy's sparse psi
     "bench_closure_vs_argument": ("rel_err_vs_first", 1e-6),    # closure vs argument graph
     "bench_packed_rows": ("_diff", 1e-4),                       # packed vs unpacked batches
+    "bench_host_memory": ("loss_diff", 1e-6),                   # the two malloc settings
+    "bench_bert4rec_output": ("_diff", 1e-4),                   # fused vs autodiff output layer
 }
 
 

@@ -27,6 +27,7 @@ from sevo_jax.models import (
     sasrec_loss,
     sevo_mask,
     stosa_loss,
+    table_cross_entropy,
     threefry_bits,
     wasserstein_distance,
     wasserstein_distance_matrix,
@@ -591,6 +592,41 @@ def test_cloze_loss_hand_computed():
     want = ((math.log(3) - 0.0) + (math.log(math.exp(5) + math.exp(1) + 1) - 0.0)) / 2
     assert float(cloze_loss(logits, labels)) == pytest.approx(want, rel=1e-6)
     assert float(cloze_loss(logits, jnp.zeros(3, jnp.int32))) == 0.0
+
+
+@pytest.mark.parametrize("labels", [[3, 0, 7, 1, 0, 9], [0] * 6], ids=["some masked", "none"])
+def test_table_cross_entropy_equals_the_cloze_loss_of_the_logits(labels):
+    """The output layer's fused loss: the value and every gradient of ``cloze_loss(hidden @
+    table.T + bias)``, JAX autodiff, to float32 rounding (mesh padding rows at -1e9 included)."""
+    k = jax.random.split(jax.random.key(3), 3)
+    hidden = jax.random.normal(k[0], (6, 8))
+    table = 0.5 * jax.random.normal(k[1], (12, 8))
+    bias = jnp.concatenate([0.3 * jax.random.normal(k[2], (10,)), jnp.full((2,), -1e9)])
+    labels = jnp.array(labels, jnp.int32)
+
+    def reference(h, t, b):
+        return cloze_loss(h @ t.T + b, labels)
+
+    def fused(h, t, b):
+        return table_cross_entropy(h, t, b, labels)
+
+    (want, want_grads), (got, got_grads) = (jax.value_and_grad(f, argnums=(0, 1, 2))(
+        hidden, table, bias) for f in (reference, fused))
+    assert float(got) == pytest.approx(float(want), rel=1e-6, abs=1e-7)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    if not labels.any():
+        assert float(got) == 0.0 and not any(np.asarray(g).any() for g in got_grads)
+
+
+def test_bert4rec_cloze_loss_method_is_cloze_loss_of_score_all():
+    model = BERT4Rec(10, maxlen=4, features=8, num_heads=2, table_rows=14)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32), deterministic=True)
+    hidden = jax.random.normal(jax.random.key(1), (5, 8))
+    labels = jnp.array([1, 11, 0, 4, 10], jnp.int32)  # 11: the mask token's id
+    want = cloze_loss(model.apply(params, hidden, method=BERT4Rec.score_all), labels)
+    got = model.apply(params, hidden, labels, method=BERT4Rec.cloze_loss)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
 
 
 # -------------------------------------------------------------------------------------- STOSA
