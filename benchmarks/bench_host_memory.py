@@ -4,7 +4,8 @@ Each model's step runs in fresh subprocesses, one per setting (the settings are 
 must precede JAX's threads), alternating A B / B A over ``--rounds``: the trainer's donated step
 (``training.make_train_step``, reference Beauty defaults, ``--optimizer``) on the first
 ``--batches`` batches of an epoch, every shape compiled and run once first, then timed over
-``--passes`` passes: process CPU time per step, minor page faults per step, peak RSS. Before
+``--passes`` passes: process CPU time per step, minor page faults per step, peak RSS; then one
+full-ranking validation pass (``training.evaluate``, compiled by a first pass). Before
 timing, each subprocess checks that its first step's loss equals the other setting's (the same
 programme on the same batch: the allocator cannot change a value).
 
@@ -67,8 +68,15 @@ def child(args) -> None:
             jax.block_until_ready(loss)
             times.append(time.process_time() - t0)
             faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    scorer = training.make_scorer(cfg, model)
+    training.evaluate(cfg, scorer, params, ds, "valid")  # compile
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+    training.evaluate(cfg, scorer, params, ds, "valid")
+    eval_s = time.process_time() - t0
+    eval_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     print(json.dumps({"times": times, "faults_per_step": faults / len(times),
-                      "first_loss": first_loss, "peak_rss_gb": _util.peak_rss_gb()}))
+                      "first_loss": first_loss, "eval_seconds": eval_s,
+                      "eval_faults": eval_faults, "peak_rss_gb": _util.peak_rss_gb()}))
 
 
 def main(argv=None) -> None:
@@ -117,10 +125,16 @@ def main(argv=None) -> None:
         mean = {s: statistics.mean(t for run in runs[s] for t in run["times"]) for s in SETTINGS}
         fault = {s: statistics.mean(run["faults_per_step"] for run in runs[s]) for s in SETTINGS}
         rss = {s: max(run["peak_rss_gb"] for run in runs[s]) for s in SETTINGS}
+        ev = {s: statistics.mean(run["eval_seconds"] for run in runs[s]) for s in SETTINGS}
+        ev_faults = {s: statistics.mean(run["eval_faults"] for run in runs[s]) for s in SETTINGS}
         rows.append([m, f"{1e3 * mean[SETTINGS[0]]:.1f} ms", f"{1e3 * mean[SETTINGS[1]]:.1f} ms",
                      f"**{mean[SETTINGS[1]] / mean[SETTINGS[0]]:.2f}**",
                      f"{fault[SETTINGS[0]]:,.0f} / {fault[SETTINGS[1]]:,.0f}",
-                     f"{rss[SETTINGS[0]]:.2f} / {rss[SETTINGS[1]]:.2f}", f"{loss_diff:.0e}"])
+                     f"{rss[SETTINGS[0]]:.2f} / {rss[SETTINGS[1]]:.2f}",
+                     f"{ev[SETTINGS[0]]:.2f} s / {ev[SETTINGS[1]]:.2f} s",
+                     f"**{ev[SETTINGS[1]] / ev[SETTINGS[0]]:.2f}**",
+                     f"{ev_faults[SETTINGS[0]]:,.0f} / {ev_faults[SETTINGS[1]]:,.0f}",
+                     f"{loss_diff:.0e}"])
         record["models"][m] = {"runs": runs, "loss_diff": loss_diff}
     print(f"\n{args.optimizer} step, {args.batches} batches x {args.passes} passes x "
           f"{args.rounds} subprocess pairs per model; load average at the end: "
@@ -128,6 +142,7 @@ def main(argv=None) -> None:
     print(_util.markdown_table(
         ["model", "step, glibc default (CPU, mean)", "step, keep_freed_memory", "ratio",
          "minor page faults per step (default / kept)", "peak RSS GB (default / kept)",
+         "validation pass (CPU, default / kept)", "ratio", "its page faults (default / kept)",
          "first-step loss difference"], rows))
     _util.write_json(args.json, record)
 

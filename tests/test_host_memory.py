@@ -61,9 +61,11 @@ def test_freed_blocks_are_reused_without_page_faults():
     default = _faults({"SEVO_JAX_KEEP_MALLOC": "1"})
     kept = _faults({})
     assert default == {"applied": False, "faults": default["faults"]}
-    assert default["faults"] > pages // 2  # glibc's default: every round faults its pages in
+    # glibc's default faults every round's pages in again: one per 4 KiB page here, one per
+    # 2 MiB where transparent huge pages are "always" on
+    assert default["faults"] >= (64 << 20) // (2 << 20)
     assert kept["applied"] is True
-    assert kept["faults"] < pages // 50
+    assert kept["faults"] < min(pages // 50, default["faults"])
 
 
 @pytest.mark.parametrize("env", [{"SEVO_JAX_KEEP_MALLOC": "1"}, {"MALLOC_ARENA_MAX": "4"},
