@@ -10,13 +10,17 @@ For each of ``--models`` (SASRec, BERT4Rec, STOSA with their Beauty defaults), t
   weight-gradient VJP and the hand-written LayerNorm backward), same parameters.
 
 The ``bits 32`` loss and gradients must equal ``before``'s (the same masks from the same keys;
-printed). Blocks alternate the variants' order; process CPU time, median over batches.
+printed). Blocks alternate the variants' order; process CPU time, median over batches (those of the
+first batch's shape). Batches are unpacked unless ``--pack-rows``.
 
 Usage::
 
     git show 8c61242:sevo_jax/models.py > /tmp/models_8c61242.py
     taskset -c 0 python benchmarks/bench_dropout_bits.py \\
         --data ../shared/data/amazon-beauty/Beauty.txt --before /tmp/models_8c61242.py
+
+With ``--before`` a ``models.py`` of the same 16-bit masks (e.g. before their halves were
+scaled apart), ``bits 16`` must give ``before``'s loss and gradients exactly.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["sasrec", "bert4rec", "stosa"])
     p.add_argument("--before", default=None, help="another models.py to compare with")
     p.add_argument("--batches", type=int, default=12)
+    p.add_argument("--pack-rows", action="store_true",
+                   help="the trainer's packed rows (default: the unpacked batches)")
     p.add_argument("--cpu", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny synthetic data (seconds)")
     args = p.parse_args(argv)
@@ -68,7 +74,7 @@ def main(argv=None) -> None:
     rows = []
     for name in args.models:
         cfg = training.TrainConfig(model=name, optimizer="adamw", progress=False,
-                                   pack_rows=False, **source).resolved()  # measured unpacked
+                                   pack_rows=args.pack_rows, **source).resolved()
         model, _, params, _ = training.init_training(cfg, ds)
         variants = {f"bits {b}": model.clone(dropout_bits=b) for b in (32, 16)}
         if before is not None:

@@ -238,6 +238,29 @@ def test_dropout_module_matches_flax_dropout_with_its_masks(bits):
     np.testing.assert_allclose(grad, np.where(kept, 1 / 0.7, 0.0), rtol=1e-6)
 
 
+class _DropoutKey(nn.Module):
+    """The key that a top-level module's first ``make_rng("dropout")`` gives."""
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.make_rng("dropout")
+
+
+@pytest.mark.parametrize("shape", [(1,), (7, 9), (4, 2, 5, 5), (3, 50, 16)])
+def test_16_bit_dropout_scales_by_the_dropout_keep_mask_bit_for_bit(shape):
+    """16-bit Dropout is ``x * keep / (1 - rate)`` with ``dropout_keep``'s mask of the key
+    that ``make_rng`` gives, and its gradient the same factors, bit for bit, odd sizes
+    included."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    rngs = {"dropout": jax.random.key(6)}
+    key = _DropoutKey().apply({}, rngs=rngs)
+    factor = jnp.where(dropout_keep(key, 0.8, shape, 16), jnp.float32(1 / 0.8), jnp.float32(0))
+    dropped = jax.jit(lambda v: Dropout(0.2, 16).apply({}, v, False, rngs=rngs))
+    np.testing.assert_array_equal(dropped(x), x * factor)
+    grad = jax.jit(jax.grad(lambda v: (Dropout(0.2, 16).apply({}, v, False, rngs=rngs) * v).sum()))
+    np.testing.assert_array_equal(grad(x), 2 * x * factor)
+
+
 def test_attention_with_dropout_32_bits_is_flax_attention():
     x = jax.random.normal(jax.random.key(0), (3, 6, 8))
     mask = nn.make_causal_mask(jnp.ones((3, 6)))
