@@ -10,8 +10,8 @@ For each of ``--models`` (SASRec, BERT4Rec, STOSA with their Beauty defaults), t
   weight-gradient VJP and the hand-written LayerNorm backward), same parameters.
 
 The ``bits 32`` loss and gradients must equal ``before``'s (the same masks from the same keys;
-printed). Blocks alternate the variants' order; process CPU time, median over batches (those of the
-first batch's shape). Batches are unpacked unless ``--pack-rows``.
+printed). Blocks alternate the variants' order; process CPU time, median over the batches of
+the first batch's shape. Batches are unpacked unless ``--pack-rows``.
 
 Usage::
 
@@ -19,8 +19,9 @@ Usage::
     taskset -c 0 python benchmarks/bench_dropout_bits.py \\
         --data ../shared/data/amazon-beauty/Beauty.txt --before /tmp/models_8c61242.py
 
-With ``--before`` a ``models.py`` of the same 16-bit masks (e.g. before their halves were
-scaled apart), ``bits 16`` must give ``before``'s loss and gradients exactly.
+To check a rewrite of the 16-bit dropout, pass this checkout's own ``models.py`` from before it
+(e.g. ``git show 1b54c22:sevo_jax/models.py``) and ``--pack-rows``: ``bits 16`` gets the same
+masks, so its loss and gradients should equal ``before``'s (printed).
 """
 
 from __future__ import annotations
