@@ -49,7 +49,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="a data file (required unless --smoke)")
-    p.add_argument("--models", nargs="+", default=["sasrec", "bert4rec", "stosa"])
+    p.add_argument("--models", nargs="+", default=None,
+                   help="default: sasrec bert4rec stosa (--smoke: sasrec)")
     p.add_argument("--before", default=None, help="another models.py to compare with")
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--pack-rows", action="store_true",
@@ -59,6 +60,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.data is None and not args.smoke:
         p.error("--data is required (or --smoke)")
+    args.models = args.models or (["sasrec"] if args.smoke else ["sasrec", "bert4rec", "stosa"])
     _util.limit_threads(args.cpu)
     import jax
     import jax.numpy as jnp

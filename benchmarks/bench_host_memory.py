@@ -83,7 +83,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=_util.BEAUTY, help="a data file (default: ../shared Beauty)")
-    p.add_argument("--models", default="sasrec,gru4rec,bert4rec,stosa,mfbpr")
+    p.add_argument("--models", default=None,
+                   help="comma list (default: sasrec,gru4rec,bert4rec,stosa,mfbpr; --smoke: mfbpr)")
     p.add_argument("--optimizer", default="sevo-adamw")
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--passes", type=int, default=2)
@@ -96,6 +97,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.smoke:
         args.batches, args.passes, args.rounds = 2, 1, 1
+        args.models = args.models or "mfbpr"
+    args.models = args.models or "sasrec,gru4rec,bert4rec,stosa,mfbpr"
     if args.child:
         return child(args)
 

@@ -35,7 +35,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=_util.BEAUTY, help="a data file (default: ../shared Beauty)")
-    p.add_argument("--models", default="sasrec,bert4rec,stosa")
+    p.add_argument("--models", default=None,
+                   help="comma list (default: sasrec,bert4rec,stosa; --smoke: bert4rec)")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="passes over the batches")
@@ -45,6 +46,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.smoke:
         args.batches, args.rounds = 2, 1
+        args.models = args.models or "bert4rec"
+    args.models = args.models or "sasrec,bert4rec,stosa"
     _util.limit_threads(args.cpu)
 
     import jax

@@ -20,6 +20,15 @@ NUM_DEVICES = 8
 DEVICE_FLAGS = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
 
 
+def worker_cpu() -> int:
+    """The core a benchmark run by this test process pins itself to (``--cpu``): the
+    pytest-xdist worker ``gwN`` takes the N-th core it may run on (modulo their number), so two
+    workers' benchmarks do not share the default core 0."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    return cpus[(int(worker) if worker.isdigit() else 0) % len(cpus)]
+
+
 def config_fields(model: str, fields: dict) -> dict:
     """``fields`` without those ``model`` does not read (``TrainConfig`` rejects them:
     ``training.unread_fields``), plus ``model``."""

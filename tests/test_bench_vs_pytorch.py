@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
+
 pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +54,9 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("vs_pytorch") / "smoke.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--json", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--json", str(out),
+           "--cpu", str(helpers.worker_cpu())]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 

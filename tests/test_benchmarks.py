@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 # bench_vs_pytorch and bench_gpu_steps need torch (an optional extra):
 # tests/test_bench_vs_pytorch.py runs them
@@ -48,8 +50,11 @@ def test_every_benchmark_is_listed():
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
 def test_smoke(script, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    writes_json = '"--json"' in script.read_text()
+    text = script.read_text()
+    writes_json = '"--json"' in text
     cmd = [sys.executable, str(script), "--smoke"]
+    if '"--cpu"' in text:
+        cmd += ["--cpu", str(helpers.worker_cpu())]
     if writes_json:
         cmd += ["--json", str(tmp_path / "out.json")]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
