@@ -97,8 +97,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.smoke:
         args.batches, args.passes, args.rounds = 2, 1, 1
-        args.models = args.models or "mfbpr"
-    args.models = args.models or "sasrec,gru4rec,bert4rec,stosa,mfbpr"
+    args.models = args.models or ("mfbpr" if args.smoke else "sasrec,gru4rec,bert4rec,stosa,mfbpr")
     if args.child:
         return child(args)
 

@@ -46,8 +46,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.smoke:
         args.batches, args.rounds = 2, 1
-        args.models = args.models or "bert4rec"
-    args.models = args.models or "sasrec,bert4rec,stosa"
+    args.models = args.models or ("bert4rec" if args.smoke else "sasrec,bert4rec,stosa")
     _util.limit_threads(args.cpu)
 
     import jax
