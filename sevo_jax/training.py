@@ -1108,8 +1108,12 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
     removes the folder if it created it.
     """
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a file in the way, no permission, a read-only disk
+        what = "is a file, not a folder" if out.is_file() else f"cannot be written ({e.strerror})"
+        raise ConfigError("out", f"{out} {what}; choose another run folder") from None
     try:
         if fcntl is not None:
             try:

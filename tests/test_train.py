@@ -160,6 +160,14 @@ def test_a_used_out_is_refused_unless_overwrite(capsys, tmp_path, tiny_csv):
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 1
 
 
+def test_an_out_that_cannot_be_a_folder_is_one_line_naming_the_flag(capsys, tmp_path, tiny_csv):
+    (tmp_path / "f").write_text("keep")
+    base = ["--data", tiny_csv, "--epochs", "1", *TINY, "--out"]
+    _fails(capsys, base + [tmp_path / "f"], "--out", "is a file, not a folder")
+    _fails(capsys, base + [tmp_path / "f" / "sub"], "--out", "cannot be written")
+    assert (tmp_path / "f").read_text() == "keep"
+
+
 def test_resume_without_a_checkpoint_is_an_error(capsys, tmp_path, tiny_csv):
     _fails(capsys, ["--data", tiny_csv, "--epochs", "1", *TINY, "--resume", "--out",
                     tmp_path / "fresh"], "cannot resume", "holds no checkpoint")
