@@ -189,6 +189,22 @@ def main(argv=None) -> None:
     p.add_argument("--summary-only", action="store_true",
                    help="train nothing: summarise the runs of the grid that have finished")
     args = p.parse_args(argv)
+    known = sorted({key for _, key in PUBLISHED})
+    if args.dataset_key not in known:
+        print(f"note: no published numbers for --dataset-key {args.dataset_key} (known: "
+              f"{', '.join(known)}); the published column shows -")
+    try:
+        summary = run_grid(p, args)
+    except (ValueError, TypeError, OSError) as e:  # a bad file, flag value or folder: one line
+        p.exit(2, f"{p.prog}: error: {' '.join(str(e).split())}\n")
+    except KeyboardInterrupt:
+        p.exit(130, f"{p.prog}: interrupted; the same command resumes the grid\n")
+    Path(args.out, "summary.md").write_text(summary + "\n")
+    print(summary)
+
+
+def run_grid(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Train (or, with ``--summary-only``, read) every run of the grid; the summary's text."""
     ds = None if args.summary_only else data.load_dataset(_format(args), args.data)
     grid = {}
     for model in args.models:
@@ -204,9 +220,7 @@ def main(argv=None) -> None:
                 grid[(model, optimizer)] = runs
     if not grid:
         p.error(f"no finished runs (results.json) under {args.out} for this grid")
-    summary = summarise(args, grid, args.dataset_key)
-    Path(args.out, "summary.md").write_text(summary + "\n")
-    print(summary)
+    return summarise(args, grid, args.dataset_key)
 
 
 if __name__ == "__main__":
