@@ -383,12 +383,26 @@ def _build(
 # --------------------------------------------------------------------------------------
 
 
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+               b"PK\x03\x04": "zip", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
 def _check_file(path: PathLike) -> Path:
+    """``path`` as a ``Path`` if it is a regular file that looks like text (its first 64 KiB
+    hold no NUL byte and do not start like a compressed archive)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: not found")
     if not path.is_file():
         raise DataError(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    kind = next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
+    if kind is not None:
+        raise DataError(f"{path}: a {kind}-compressed file; decompress it first")
+    if b"\x00" in head:
+        line = head.count(b"\n", 0, head.index(b"\x00")) + 1
+        raise DataError(f"{path}:{line}: binary data (a NUL byte), not a text file")
     return path
 
 
@@ -441,10 +455,10 @@ def _convert(
         pass
     k = next(k for k, token in enumerate(tokens) if not _parses(token, dtype))
     if dtype is np.int64 and _is_integer_literal(tokens[k]):
-        raise DataError(f"{path}:{line_of(k)}: {what} {tokens[k].strip()!r} is out of range: "
-                        "ids must lie in [-2**63, 2**63) (64-bit integers)")
+        raise DataError(f"{path}:{line_of(k)}: {what} {_snippet(tokens[k].strip())} is out of "
+                        "range: ids must lie in [-2**63, 2**63) (64-bit integers)")
     kind = "an integer" if dtype is np.int64 else "a finite number"
-    raise DataError(f"{path}:{line_of(k)}: {what} {tokens[k]!r} is not {kind}")
+    raise DataError(f"{path}:{line_of(k)}: {what} {_snippet(tokens[k])} is not {kind}")
 
 
 def _is_integer_literal(token: str) -> bool:

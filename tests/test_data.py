@@ -1,5 +1,6 @@
 """Tests for sevo_jax.data: loaders, filtering, the leave-one-out split, caching, errors."""
 
+import gzip
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -216,6 +217,25 @@ def test_missing_and_empty_files(tmp_path):
         data.load_csv(_write(tmp_path / "head.csv", "user,item,timestamp\n"))
     with pytest.raises(DataError, match="not found"):
         data.load_dataset("seqtxt", tmp_path / "nowhere.txt")
+
+
+def test_binary_compressed_and_long_tokens_are_one_short_line(tmp_path):
+    for name, blob, pattern in (
+            ("beauty.txt.gz", gzip.compress(b"1 2 3 4\n"), r"beauty\.txt\.gz: a gzip-compressed "
+                                                          r"file; decompress it first"),
+            ("model.bin", b"1 2 3 4\n5 6\x00\x01 7\n", r"model\.bin:2: binary data \(a NUL byte\)")):
+        path = tmp_path / name
+        path.write_bytes(blob)
+        for load in (data.detect_format, data.load_seqtxt, data.load_csv,
+                     data.load_movielens):
+            with pytest.raises(DataError, match=pattern):
+                load(path)
+    long = _write(tmp_path / "long.txt", "1 2 3 4\n" + "2 " + "x" * 5000 + " 3\n")
+    with pytest.raises(DataError) as info:
+        data.load_seqtxt(long)
+    message = str(info.value)
+    assert message.endswith("...' is not an integer") and "long.txt:2: id 'xxx" in message
+    assert len(message) - len(str(long)) < 100
 
 
 def test_unknown_format():
