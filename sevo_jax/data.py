@@ -895,6 +895,10 @@ def load_dataset(
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # unreadable cache: rebuild it
     dataset = load()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    dataset.save(cache)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        dataset.save(cache)
+    except OSError as e:
+        raise DataError(f"cache folder {cache_dir} cannot be written ({e.strerror or e}); "
+                        "choose another or leave the cache out") from None
     return dataset

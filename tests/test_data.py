@@ -246,6 +246,13 @@ def test_unknown_format():
 # -- caching -----------------------------------------------------------------------------
 
 
+def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path):
+    src = _write(tmp_path / "seq.txt", "1 1 2 3 4\n2 2 3 4\n")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(DataError, match=r"cache folder \S+/f/sub cannot be written \(Not a dir"):
+        data.load_dataset("seqtxt", src, cache_dir=tmp_path / "f" / "sub")
+
+
 def test_cache_is_used_on_the_second_call(tmp_path, monkeypatch):
     src = _write(tmp_path / "seq.txt", "1 1 2 3 4\n2 2 3 4\n3 4 3 2 1\n")
     cache = tmp_path / "cache"
