@@ -35,17 +35,26 @@ def left_pad(seqs, maxlen):
     return out
 
 
+def positive_int(text: str) -> int:
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     """Train, evaluate, print; returns the model, params, data set, epoch losses and metrics."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="seqtxt file (`user item item ...`); default: synthetic")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=positive_int, default=20)
     parser.add_argument("--optimizer", choices=["sevo-adamw", "adamw"], default="sevo-adamw")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-users", type=int, default=1000, help="synthetic data size")
+    parser.add_argument("--num-users", type=positive_int, default=1000, help="synthetic data size")
     args = parser.parse_args(argv)
 
-    ds = data.load_seqtxt(args.data) if args.data else data.synthetic(num_users=args.num_users)
+    try:
+        ds = data.load_seqtxt(args.data) if args.data else data.synthetic(num_users=args.num_users)
+    except data.DataError as e:  # a missing or malformed file: one line, no traceback
+        parser.error(str(e))
     print(ds)
     train_seqs = ds.train_sequences()                  # item ids 1..N, 0 = padding
     inputs = left_pad([s[:-1] for s in train_seqs], MAXLEN)   # predict s[t+1] from s[:t+1]

@@ -185,7 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
                                   eval_every=args.eval_every, batch_size=args.batch_size,
                                   maxlen=args.maxlen,
                                   features=args.features, dropout=args.dropout)
-    result = fit_nnx(config, ds)
+    try:
+        result = fit_nnx(config, ds)
+    except training.ConfigError as e:  # a bad flag value: one line naming the flag
+        parser.error(f"--{e.field.replace('_', '-')} {e.problem}")
     valid = result["valid"]
     print(f"valid ({args.optimizer}, NNX, best epoch {result['best_epoch']}): "
           f"NDCG@10 {valid['NDCG@10']:.4f}  HR@10 {valid['HR@10']:.4f}")

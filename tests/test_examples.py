@@ -33,6 +33,19 @@ def test_example_trains_and_reports_the_trainers_metrics(name, model, capsys):
         assert out["valid"][metric] == pytest.approx(value, abs=1e-6), metric
 
 
+@pytest.mark.parametrize("name, argv, needle", [
+    ("sasrec", ["--data", "nowhere.txt"], "nowhere.txt: not found"),
+    ("gru4rec", ["--epochs", "0"], "--epochs: must be a positive integer, got '0'"),
+    ("sasrec", ["--num-users", "-5"], "--num-users: must be a positive integer"),
+    ("sasrec_nnx", ["--dropout", "2"], "--dropout must lie in [0, 1), got 2.0"),
+])
+def test_example_bad_input_is_one_line(name, argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        load_example(name).main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and needle in err[-1] and "Traceback" not in "".join(err), err
+
+
 def test_example_script_runs_from_the_command_line():
     cmd = [sys.executable, "examples/sasrec.py", "--epochs", "1", "--num-users", "200",
            "--optimizer", "adamw"]
