@@ -141,6 +141,17 @@ def fmt_int(x: int) -> str:
     return str(x)
 
 
+def load_data(path: str, fmt: str | None = None, **kwargs):
+    """``sevo_jax.data.load_dataset`` of ``path`` (its format detected unless ``fmt``); a
+    missing or malformed file ends the benchmark with the loader's one-line message."""
+    from sevo_jax import data
+
+    try:
+        return data.load_dataset(fmt or data.detect_format(path), path, **kwargs)
+    except data.DataError as e:
+        raise SystemExit(f"{os.path.basename(sys.argv[0]).removesuffix('.py')}: {e}") from None
+
+
 def model_data(path: str | None, smoke: bool, seq_len: tuple[int, int] = (5, 12),
                maxlen: int = 10) -> tuple:
     """``(data set, TrainConfig source fields)`` of a model benchmark: a tiny synthetic set and
@@ -151,8 +162,8 @@ def model_data(path: str | None, smoke: bool, seq_len: tuple[int, int] = (5, 12)
     if smoke:
         return (data.synthetic(num_users=60, num_items=80, seq_len=seq_len, seed=0),
                 dict(maxlen=maxlen, batch_size=16, features=16))
-    fmt = data.detect_format(path)
-    return data.load_dataset(fmt, path), dict(data=path, format=fmt)
+    ds = load_data(path)
+    return ds, dict(data=path, format=data.detect_format(path))
 
 
 def unpacked(config):

@@ -94,7 +94,7 @@ def setup(args, optimizer="adamw"):
         cfg = training.TrainConfig(model="sasrec", optimizer=optimizer, maxlen=20, features=16,
                                    batch_size=64, eval_batch_size=8, progress=False)
     else:
-        ds = data_lib.load_dataset("seqtxt", args.beauty)
+        ds = _util.load_data(args.beauty, "seqtxt")
         cfg = training.TrainConfig(model="sasrec", data=args.beauty, format="seqtxt",
                                    optimizer=optimizer, progress=False)
     return ds, cfg.resolved()

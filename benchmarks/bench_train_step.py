@@ -159,7 +159,7 @@ def run_worker(spec: dict) -> dict:
     base = cfg[opts[0]]
     num_batches = 4
     if spec["source"] == "beauty":
-        ds = data_lib.load_dataset("seqtxt", spec["beauty"])
+        ds = _util.load_data(spec["beauty"], "seqtxt")
         rows = ds.num_items + 1
         adjacency = training.build_graph(base, ds)
         examples = training.training_examples(base, ds)

@@ -17,6 +17,7 @@ import json
 import math
 import time
 
+import _util  # benchmarks/ is on sys.path when run as a script
 import jax
 import numpy as np
 
@@ -32,7 +33,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--no-eval", action="store_true")
     args = p.parse_args(argv)
-    ds = data.load_dataset(data.detect_format(args.data), args.data)
+    ds = _util.load_data(args.data)
     cfg = training.TrainConfig(model=args.model, graph=args.graph, optimizer=args.optimizer,
                                data=args.data, format=data.detect_format(args.data),
                                progress=False).resolved()
