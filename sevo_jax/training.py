@@ -1112,6 +1112,9 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:  # a file in the way, no permission, a read-only disk
+        if created:  # the folder made just now, if any, holds nothing: leave no trace
+            with contextlib.suppress(OSError):
+                out.rmdir()
         what = "is a file, not a folder" if out.is_file() else f"cannot be written ({e.strerror})"
         raise ConfigError("out", f"{out} {what}; choose another run folder") from None
     try:
