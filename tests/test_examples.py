@@ -101,6 +101,7 @@ def test_reproduce_paper_grid_resumes_and_summarises(tmp_path):
             in both.stdout)
     nothing = run("--summary-only", "--out", str(tmp_path / "missing"))
     assert nothing.returncode == 2 and "no finished runs" in nothing.stderr
+    assert "Traceback" not in nothing.stderr
     # bad input: one line naming it, no traceback, nothing trained
     for extra, needle in ((["--data", str(tmp_path / "none.txt")], "none.txt: not found"),
                           (["--seeds", "-1"], "seed must be an integer >= 0, got -1"),
@@ -111,7 +112,6 @@ def test_reproduce_paper_grid_resumes_and_summarises(tmp_path):
     assert not (tmp_path / "bad").exists()
     note = run("--seeds", "0", "--summary-only", "--dataset-key", "beuty")
     assert note.returncode == 0 and "no published numbers for --dataset-key beuty" in note.stdout
-    assert "Traceback" not in nothing.stderr
 
 
 def load_example(name):
