@@ -24,6 +24,7 @@ import fnmatch
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 __all__ = ["TableSelection", "path_names", "select_tables"]
 
@@ -71,6 +72,12 @@ class TableSelection:
         return False
 
     def __call__(self, tree: Any) -> Any:
+        if hasattr(tree, "dtype") and not getattr(tree, "shape", None) and jnp.issubdtype(
+                tree.dtype, jnp.integer):
+            raise TypeError(
+                f"select_tables{self.patterns!r} was called with a step count, not a params "
+                "tree: optax.inject_hyperparams takes a callable mask for a schedule; name the "
+                "mask in static_args, e.g. inject_hyperparams(sevo_adamw, static_args=('mask',))")
         return jax.tree_util.tree_map_with_path(
             lambda path, _leaf: self.matches(path_names(path)), tree)
 

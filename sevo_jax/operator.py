@@ -20,9 +20,10 @@ static (aux) data, together with its ``fingerprint``; the leaves are a device CA
 * ``fresh()`` uploads NEW device arrays (``init`` calls it), so donating a state never deletes
   a buffer another state or optimizer still uses;
 * a ``tag`` leaf (an int32 derived from the fingerprint, never 0 or 1) marks an intact cache;
-  ``repaired()`` checks the leaves' shapes and dtypes at trace time and the tag at run time and,
-  on a mismatch (a ``jax.tree.map(jnp.zeros_like, state)`` reset, an ``optax.tree.cast``, a
-  restore into placeholders), re-uploads the graph from the host through ``jax.pure_callback``
+  ``repaired()`` checks the leaves' shapes and dtypes at trace time, and the tag and one
+  stored weight at run time, and, on a mismatch (a ``jax.tree.map(jnp.zeros_like, state)``
+  reset, a reset of the float leaves only, an ``optax.tree.cast``, a restore into
+  placeholders), re-uploads the graph from the host through ``jax.pure_callback``
   inside ``lax.cond``: an intact cache never embeds the graph as a constant, a broken one is
   repaired in the returned state, so only one step pays the upload.
 * ``flax.serialization`` writes an operator as its fingerprint only, and restoring keeps the
@@ -175,7 +176,8 @@ class GraphOperator(abc.ABC):
 
     @abc.abstractmethod
     def is_intact(self) -> jax.Array:
-        """Scalar bool: the leaves hold this graph (tag check; shapes/dtypes checked statically)."""
+        """Scalar bool: the leaves hold this graph (tag and one weight checked; shapes/dtypes
+        statically)."""
 
     @abc.abstractmethod
     def repaired(self) -> GraphOperator:
@@ -398,6 +400,11 @@ class HostCOO:
             self.leaf_indices, self.leaf_weights, used = blocked_coo(
                 self.indices, self.weights, self.num_nodes)
             self.blocked = (MATMUL_BLOCK, used)
+        # one stored weight of largest magnitude, checked beside ``tag``: a reset of only the
+        # float leaves (moments zeroed, counts kept) leaves ``tag`` intact but not this slot
+        self.probe_slot = int(np.argmax(np.abs(self.leaf_weights))) if self.leaf_weights.size else 0
+        self.probe_value = (float(self.leaf_weights[self.probe_slot]) if self.leaf_weights.size
+                            else 0.0)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HostCOO) and other.fingerprint == self.fingerprint
@@ -546,17 +553,27 @@ class NormalizedGraph(GraphOperator):
         return leaves_match((self.indices, self.weights, self.tag), self.host.specs())
 
     def is_intact(self) -> jax.Array:
-        """Scalar bool: shapes/dtypes are right (checked at trace time) and ``tag`` is intact.
+        """Scalar bool: shapes/dtypes are right (checked at trace time), ``tag`` is intact and
+        so is one weight (the host's probe slot: a reset of the float leaves alone changes it).
 
         Examples:
           >>> g = as_normalized_graph(np.ones((2, 2)))
           >>> cast = jax.tree.map(lambda t: t.astype(jnp.bfloat16), g)   # optax.tree.cast
-          >>> bool(g.is_intact()), bool(cast.is_intact())
-          (True, False)
+          >>> floats_zeroed = jax.tree.map(
+          ...     lambda t: jnp.zeros_like(t) if t.dtype == jnp.float32 else t, g)
+          >>> bool(g.is_intact()), bool(cast.is_intact()), bool(floats_zeroed.is_intact())
+          (True, False, False)
         """
         if not self.has_layout():
             return jnp.asarray(False)
-        return self.tag == self.host.tag
+        return self._cache_matches()
+
+    def _cache_matches(self) -> jax.Array:
+        """``tag`` intact and the host's probe slot holding its weight (``HostCOO``)."""
+        if not self.host.leaf_weights.size:
+            return self.tag == self.host.tag
+        return (self.tag == self.host.tag) & (self.weights[self.host.probe_slot]
+                                              == self.host.probe_value)
 
     def repaired(self) -> NormalizedGraph:
         """Leaves unchanged when intact, else re-uploaded from the host (``pure_callback``).
@@ -575,7 +592,7 @@ class NormalizedGraph(GraphOperator):
         if not self.has_layout():
             return self.uploaded()
         leaves = (self.indices, self.weights, self.tag)
-        intact = self.tag == self.host.tag
+        intact = self._cache_matches()
 
         def upload():
             return tuple(jax.tree.leaves(self.uploaded()))

@@ -133,6 +133,14 @@ class HostBlocks:
         self.fingerprint = fingerprint_arrays(indices, weights, extra=f"blocks{self.segments}")
         self.tag = cache_tag(self.fingerprint)
         self.tags = np.full((indices.shape[0],), self.tag, np.int32)
+        # per device, one stored weight of largest magnitude, checked beside its tag (as
+        # ``HostCOO``'s probe: a reset of the float leaves alone keeps the tags)
+        width = weights.shape[1] if weights.ndim == 2 else 0
+        self.probe_slots = (np.argmax(np.abs(weights), axis=1).astype(np.int32) if width
+                            else np.zeros(weights.shape[0], np.int32))
+        self.probe_values = (np.take_along_axis(weights, self.probe_slots[:, None], 1)[:, 0]
+                             .astype(np.float32) if width
+                             else np.zeros(weights.shape[0], np.float32))
 
     def _key(self) -> tuple:
         return (self.fingerprint, self.mesh, self.axis_name)
@@ -346,7 +354,8 @@ class ShardedGraph(GraphOperator):
         return leaves_match((self.indices, self.weights, self.tag), self.host.specs(sharded=False))
 
     def is_intact(self) -> jax.Array:
-        """Scalar bool: right shapes/dtypes (trace time) and every device's tag intact.
+        """Scalar bool: right shapes/dtypes (trace time), every device's tag and probe weight
+        intact.
 
         Examples:
           >>> g = shard_graph(np.ones((2, 2)), jax.make_mesh((1,), ("x",)), "x")
@@ -355,7 +364,12 @@ class ShardedGraph(GraphOperator):
         """
         if not self.has_layout():
             return jnp.asarray(False)
-        return jnp.all(self.tag == self.host.tag)
+        host = self.host
+        tags_ok = jnp.all(self.tag == host.tag)
+        if not self.weights.shape[1]:
+            return tags_ok
+        probed = jnp.take_along_axis(self.weights, jnp.asarray(host.probe_slots)[:, None], 1)
+        return tags_ok & jnp.all(probed[:, 0] == host.probe_values)
 
     def repaired(self) -> ShardedGraph:
         """Each device's block unchanged when its tag is intact, else re-uploaded from the host.
@@ -374,7 +388,7 @@ class ShardedGraph(GraphOperator):
         return self._from_host((self.indices, self.weights, self.tag))
 
     def _from_host(self, leaves: tuple | None) -> ShardedGraph:
-        """Blocks from the host: all of them (``leaves`` None), or where the tag is broken."""
+        """Blocks from the host: all of them (``leaves`` None), or where a tag/probe is broken."""
         host, axis = self.host, self.axis_name
         block_specs = tuple(jax.ShapeDtypeStruct((1,) + s.shape[1:], s.dtype)
                             for s in host.specs(sharded=False))
@@ -388,7 +402,9 @@ class ShardedGraph(GraphOperator):
 
             if idx is None:
                 return upload()
-            return jax.lax.cond(tag[0] == host.tag, lambda: (idx, w, tag), upload)
+            probe_ok = (w[0, jnp.asarray(host.probe_slots)[k]]
+                        == jnp.asarray(host.probe_values)[k]) if w.shape[1] else True
+            return jax.lax.cond((tag[0] == host.tag) & probe_ok, lambda: (idx, w, tag), upload)
 
         specs = (PSpec(axis),) * 3
         if leaves is None:

@@ -75,7 +75,8 @@ def check_hyperparameters(beta: Any, num_layers: Any, approx: str) -> None:
     """
     if approx not in APPROXIMATIONS:
         raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
-    for name, value, kinds in (("beta", beta, "fiu"), ("num_layers", num_layers, "iu")):
+    for name, value, kinds in ((("beta", beta, (jnp.floating, jnp.integer)),
+                                ("num_layers", num_layers, (jnp.integer,)))):
         if isinstance(value, (bool, str)):
             expected = "float in [0, 1)" if name == "beta" else "non-negative integer"
             raise TypeError(f"{name} must be a {expected}, got {value!r}")
@@ -84,7 +85,8 @@ def check_hyperparameters(beta: Any, num_layers: Any, approx: str) -> None:
             ok = isinstance(value, (int, np.integer)) or (
                 name == "beta" and isinstance(value, (float, np.floating)))
         else:
-            ok = jnp.dtype(dtype).kind in kinds and jnp.ndim(value) == 0
+            # issubdtype, not dtype.kind: numpy gives bfloat16 the kind "V"
+            ok = any(jnp.issubdtype(dtype, k) for k in kinds) and jnp.ndim(value) == 0
         if not ok:
             expected = "a float in [0, 1)" if name == "beta" else "a non-negative integer"
             raise TypeError(f"{name} must be {expected}, got {value!r}")
@@ -164,8 +166,10 @@ def propagate(
     """psi(x): the L-layer approximation of ``(1-beta)(I - beta Ã)^-1 x`` (module docstring).
 
     ``x`` is one (num_nodes, d) array, or a list of tables stacked row-wise on the graph's
-    nodes (each output in its table's dtype). Computes in at least float32; non-finite rows
-    are kept out of the propagation (module docstring). ``beta``/``num_layers`` may be traced.
+    nodes (each output in its table's dtype). Computes in at least float32 (the graph's
+    weights are float32: float64 tables get float32-rounded weights, ~1e-8 relative);
+    non-finite rows are kept out of the propagation (module docstring). ``beta`` and
+    ``num_layers`` may be traced.
     ``impl``: the sparse product (``sevo_jax.operator.sparse_matmul``); None picks by backend.
 
     Examples:

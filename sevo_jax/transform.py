@@ -121,7 +121,8 @@ def check_selection(tree: Any, flags: list[bool], num_nodes: int) -> None:
     chosen = [(jax.tree_util.keystr(p), leaf)
               for (p, leaf), f in zip(leaves_with_paths, flags, strict=True) if f]
     if not chosen:
-        raise ValueError("mask selects no parameter; SEvo needs at least one embedding table")
+        raise ValueError("mask selects no parameter; SEvo needs at least one embedding table "
+                         "(under optax.inject_hyperparams name a callable mask in static_args)")
     for p, leaf in chosen:
         if jnp.ndim(leaf) != 2:
             raise ValueError(
@@ -182,7 +183,7 @@ def sevo_smooth(
       mesh, axis_name: row-shard psi over the axis ``axis_name`` of a ``jax.sharding.Mesh``
         (``sevo_jax.operator_sharded``); None (the default) runs psi on one device. Under
         ``optax.inject_hyperparams`` name ``"mesh"`` in ``static_args`` (a ``Mesh`` is
-        callable, so Optax would take it for a schedule).
+        callable, so Optax would take it for a schedule; so is a callable ``mask``).
       impl: the sparse product (``sevo_jax.operator.sparse_matmul``): ``"chunked"``,
         ``"segment_sum"`` or ``"bcoo"``; None (the default) picks by backend.
       repair: True (the default): ``update`` repairs a state's graph that a generic tree

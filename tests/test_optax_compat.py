@@ -417,3 +417,102 @@ def test_graph_subtrees_can_be_stripped_for_a_checkpoint():
     restored = jax.tree.map(lambda t, s: t if is_graph(t) else s, template, stripped,
                             is_leaf=lambda x: is_graph(x) or x is None)
     equal(jax.jit(opt.update)(grads, restored, params)[0], jax.jit(opt.update)(grads, state, params)[0])
+
+
+# ---- idioms found wrong or unclear in the sixteenth session's review -------------------------
+
+
+def test_float_only_reset_is_a_fresh_init():
+    """Zeroing the float leaves alone (moments reset, counts and the int32 tag kept) zeroes the
+    graph's weights too: they are repaired, and with repair=False the update is NaN, not psi
+    with Ã = 0 (which had been a silent plain scaling of the update)."""
+    params, grads = make_params(), make_grads()
+    floats_zeroed = lambda tree: jax.tree.map(
+        lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    opt = sevo()
+    state = opt.init(params)
+    _, state = jax.jit(opt.update)(grads, state, params)
+    u, repaired = jax.jit(opt.update)(grads, floats_zeroed(state), params)
+    is_graph = lambda x: isinstance(x, sj.GraphOperator)
+    graph_kept = jax.tree.map(lambda z, s: s if is_graph(s) else z, floats_zeroed(state), state,
+                              is_leaf=is_graph)  # the same reset, the graph left alone
+    equal(u, jax.jit(opt.update)(grads, graph_kept, params)[0])
+    assert bool(repaired[1].graph.is_intact())
+    trusting = sj.sevo_smooth(A, mask=MASK, repair=False)
+    broken, _ = jax.jit(trusting.update)(grads, floats_zeroed(trusting.init(params)))
+    assert np.isnan(np.asarray(broken["emb"])).all()
+
+
+def test_float_only_reset_of_a_sharded_graph_is_repaired():
+    graph = sj.shard_graph(A, jax.make_mesh((1,), ("x",)), "x")
+    zeroed = jax.tree.map(
+        lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, graph)
+    assert bool(graph.is_intact()) and not bool(zeroed.is_intact())
+    fixed = jax.jit(lambda g: g.repaired())(zeroed)
+    assert bool(fixed.is_intact())
+    equal(fixed.weights, graph.weights)
+
+
+def test_bfloat16_params_under_inject_hyperparams():
+    """Optax casts injected floats to the params' dtype: beta arrives as bfloat16 (accepted,
+    was a TypeError); with hyperparam_dtype=float32 the update equals the uninjected one."""
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), make_params())
+    grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), make_grads())
+    injected = optax.inject_hyperparams(sj.sevo_adamw)(LR, A, 0.9, 3, mask=MASK)
+    u, state = jax.jit(injected.update)(grads, injected.init(params), params)
+    assert state.hyperparams["beta"].dtype == jnp.bfloat16 and u["emb"].dtype == jnp.bfloat16
+    exact = optax.inject_hyperparams(sj.sevo_adamw, hyperparam_dtype=jnp.float32)(
+        LR, A, 0.9, 3, mask=MASK)
+    for x, y in zip(jax.tree.leaves(first_update(exact, params, grads)), jax.tree.leaves(
+            first_update(sj.sevo_adamw(LR, A, 0.9, 3, mask=MASK), params, grads)), strict=True):
+        # Optax's float32 learning rate promotes the update to float32: equal to bf16 rounding
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                                   rtol=2 ** -7)
+    sj.sevo_smooth(A, beta=jnp.bfloat16(0.5), num_layers=1)  # a bfloat16 scalar is a float
+
+
+def test_injected_momentum_of_sevo_sgd():
+    params, grads = make_params(), make_grads()
+    injected = optax.inject_hyperparams(sj.sevo_sgd)(LR, A, 0.5, 1, momentum=0.9, mask=MASK)
+    state = injected.init(params)
+    step = jax.jit(injected.update)
+    plain = sj.sevo_sgd(LR, A, 0.5, 1, momentum=0.9, mask=MASK)
+    plain_state = plain.init(params)
+    for seed in range(2):  # the second step shows the momentum
+        u, state = step(make_grads(seed), state, params)
+        ref, plain_state = jax.jit(plain.update)(make_grads(seed), plain_state, params)
+        close(u, ref)
+    assert not np.allclose(np.asarray(u["w"]), -LR * np.asarray(make_grads(1)["w"]))
+    del grads
+
+
+def test_complex_leaves_take_the_squared_magnitude():
+    g = {"c": jnp.array([0.5 + 2j, -1 + 0.3j], jnp.complex64)}
+    ours = sj.scale_by_adam_corrected(mask={"c": False})
+    np.testing.assert_allclose(ours.update(g, ours.init(g))[0]["c"], optax.scale_by_adam().update(
+        g, optax.scale_by_adam().init(g))[0]["c"], rtol=1e-6)
+
+
+def test_a_table_with_no_rows():
+    """A user table of 0 rows stacked before an item table (the graph has the items only)."""
+    items = jnp.asarray(np.random.default_rng(0).standard_normal((N, D)), jnp.float32)
+    params = {"a_users": jnp.zeros((0, D)), "b_items": items}
+    opt = sj.sevo_adamw(LR, A, 0.5, 2)
+    u, _ = jax.jit(opt.update)(params, opt.init(params), params)
+    assert u["a_users"].shape == (0, D)
+    ref = sj.sevo_adamw(LR, A, 0.5, 2)
+    close(u["b_items"], first_update(ref, {"b_items": items}, {"b_items": items})["b_items"])
+
+
+def test_callable_mask_under_inject_hyperparams_names_static_args():
+    params = {"item_embedding": jnp.ones((N, D)), "w": jnp.ones((D, 2))}
+    select = sj.select_tables("item_embedding")
+    with pytest.raises(TypeError, match="static_args"):
+        optax.inject_hyperparams(sj.sevo_adamw)(LR, A, mask=select).init(params)
+    with pytest.raises(ValueError, match="static_args"):  # any other callable: a hint
+        optax.inject_hyperparams(sj.sevo_adamw)(
+            LR, A, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2 and x.shape[0] == N, p)).init(params)
+    ok = optax.inject_hyperparams(sj.sevo_adamw, static_args=("mask",))(LR, A, mask=select)
+    grads = jax.tree.map(jnp.ones_like, params)
+    close(first_update(ok, params, grads), first_update(sj.sevo_adamw(LR, A, mask=select), params,
+                                                        grads))  # traced beta: float32 rounding
