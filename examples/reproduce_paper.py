@@ -85,19 +85,92 @@ NO_EFFECT_FIELDS = frozenset({"out", "progress", "cache_dir", "compile_cache"})
 SEVO_ONLY_FIELDS = frozenset({"graph", "beta"})
 
 
+# Fields that this script's own flags set: a finished record that differs in one of them is
+# not a run of this grid (an error, never a silently reused result).
+GRID_FIELDS = {"data": "--data", "format": "--format", "epochs": "--epochs",
+               "patience": "--patience"}
+
+
+def grid_config(args: argparse.Namespace, variant: str, optimizer: str, seed: int, out: Path,
+                fmt: str) -> training.TrainConfig:
+    """The ``TrainConfig`` of one run of the grid (``command`` prints the same run)."""
+    model, extra = VARIANTS[variant]
+    return training.TrainConfig(model=model, optimizer=optimizer, seed=seed, data=args.data,
+                                **extra, format=fmt, epochs=args.epochs, out=str(out),
+                                progress=args.progress,
+                                **({} if args.patience is None else {"patience": args.patience}))
+
+
+def ignored_fields(resolved: dict) -> frozenset:
+    """Config fields without effect on this run's results (see ``same_run``)."""
+    return (NO_EFFECT_FIELDS | training.unread_fields(resolved["model"])
+            | (SEVO_ONLY_FIELDS if not resolved["optimizer"].startswith("sevo")
+               else frozenset()))
+
+
+def same_data_path(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a == b
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def read_record(path: Path) -> dict:
+    """A run's ``results.json``, or a one-line ValueError naming the file if it is damaged."""
+    try:
+        record = json.loads(path.read_text())
+        if not all(isinstance(record.get(k), dict) for k in ("config", "test", "valid")):
+            raise ValueError("no config, test or valid section")
+        return record
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); delete it and run the grid again to "
+                         "rewrite it from the run's checkpoints") from None
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write ``results.json`` atomically (a kill mid-write leaves the old file or none)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
+
+
+def check_record(path: Path, record: dict, resolved: dict,
+                 fingerprint: str | None = None) -> list[str]:
+    """Raise ValueError when the finished ``record`` at ``path`` was trained with other grid
+    flags (``GRID_FIELDS``) or other data (by content ``fingerprint`` when given, else by
+    path) than this grid's ``resolved`` config; return notes naming any other field it was
+    trained with differently (a default changed since, e.g.), so the summary says so."""
+    have, ignored = record["config"], ignored_fields(resolved)
+    differ = {}
+    if fingerprint is not None:
+        if record.get("data", {}).get("fingerprint") != fingerprint:
+            differ["data"] = (f"other data (fingerprint {record.get('data', {}).get('fingerprint')}"
+                              f", this grid's {fingerprint})")
+    elif not same_data_path(have.get("data"), resolved["data"]):
+        differ["data"] = f"--data {have.get('data')} (this grid: {resolved['data']})"
+    for field in GRID_FIELDS.keys() - {"data"}:
+        if field in have and have[field] != resolved[field]:
+            differ[field] = f"{GRID_FIELDS[field]} {have[field]} (this grid: {resolved[field]})"
+    if differ:
+        raise ValueError(f"{path} was trained with {'; '.join(differ.values())}: use another "
+                         "--out for this grid, or delete that run folder to train it again")
+    want = json.loads(json.dumps(resolved))
+    # a field that the record lacks is newer than the run: nothing to say about it
+    fields = sorted((have.keys() & want.keys()) - ignored - GRID_FIELDS.keys())
+    return [f"note: {path.parent.name} was trained with {k}={have[k]!r} (now {want[k]!r})"
+            for k in fields if have[k] != want[k]]
+
+
 def same_run(resolved: dict, fingerprint: str, out: Path) -> Path | None:
     """A finished run beside ``out`` that IS this run: the same resolved config (``resolved``,
     a ``TrainConfig`` as a dict) but for fields without effect (``NO_EFFECT_FIELDS``, and
     ``SEVO_ONLY_FIELDS`` when the optimizer has no SEvo, and the fields the model does not
     read), on the same data. E.g. MF-BPR's AdamW baseline of both graph forms."""
-    ignored = (NO_EFFECT_FIELDS | training.unread_fields(resolved["model"])
-               | (SEVO_ONLY_FIELDS if not resolved["optimizer"].startswith("sevo")
-                  else frozenset()))
+    ignored = ignored_fields(resolved)
     want = {k: v for k, v in json.loads(json.dumps(resolved)).items() if k not in ignored}
     for record in sorted(out.parent.glob("*/results.json")):
         if record.parent == out:
             continue
-        done = json.loads(record.read_text())
+        done = read_record(record)
         have = {k: v for k, v in done.get("config", {}).items() if k not in ignored}
         # a field that an older record lacks counts as None (its default when it was added)
         same = all(have.get(k) == want.get(k) for k in have.keys() | want.keys())
@@ -108,30 +181,27 @@ def same_run(resolved: dict, fingerprint: str, out: Path) -> Path | None:
 
 def run_one(args, ds, variant: str, optimizer: str, seed: int, out: Path) -> dict:
     done = out / "results.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    fmt = _format(args)
-    model, extra = VARIANTS[variant]
-    config = training.TrainConfig(model=model, optimizer=optimizer, seed=seed, data=args.data,
-                                  **extra,
-                                  format=fmt, epochs=args.epochs, out=str(out),
-                                  progress=args.progress,
-                                  **({} if args.patience is None else {"patience": args.patience}))
-    resume = training.has_checkpoint(out)  # else start again, over any partial log
+    config = grid_config(args, variant, optimizer, seed, out, _format(args))
     resolved = dataclasses.asdict(config.resolved())
+    if done.exists():
+        record = read_record(done)
+        for note in check_record(done, record, resolved, ds.fingerprint()):
+            print(note)
+        return record
+    resume = training.has_checkpoint(out)  # else start again, over any partial log
     twin = None if resume else same_run(resolved, ds.fingerprint(), out)
     if twin is not None:  # this run has been trained already, under another grid name
-        results = json.loads((twin / "results.json").read_text())
+        results = read_record(twin / "results.json")
         results = results | {"config": resolved, "same_run_as": str(twin)}
         out.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(results, indent=2))
+        write_record(done, results)
         print(f"{out}: the same run as {twin} (not trained again)")
         return results
     start = time.perf_counter()
     results = training.fit(config, dataset=ds, resume=resume, overwrite=not resume)
     results["wall_seconds"] = round(time.perf_counter() - start, 1)  # this process only
     results["train_seconds"] = train_seconds(out)
-    done.write_text(json.dumps(results, indent=2))
+    write_record(done, results)
     return results
 
 
@@ -211,8 +281,17 @@ def run_grid(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
         for optimizer in args.optimizers:
             outs = [Path(args.out) / f"{model}-{optimizer}-s{seed}" for seed in args.seeds]
             if args.summary_only:
-                runs = [json.loads((o / "results.json").read_text()) for o in outs
-                        if (o / "results.json").exists()]
+                runs = []
+                for seed, o in zip(args.seeds, outs, strict=True):
+                    if not (o / "results.json").exists():
+                        continue
+                    record = read_record(o / "results.json")
+                    fmt = args.format or record["config"].get("format")
+                    resolved = dataclasses.asdict(
+                        grid_config(args, model, optimizer, seed, o, fmt).resolved())
+                    for note in check_record(o / "results.json", record, resolved):
+                        print(note)
+                    runs.append(record)
             else:
                 runs = [run_one(args, ds, model, optimizer, seed, o)
                         for seed, o in zip(args.seeds, outs, strict=True)]

@@ -67,7 +67,7 @@ def test_reproduce_paper_grid_resumes_and_summarises(tmp_path):
     results = json.loads((tmp_path / "sasrec-adamw-s0" / "results.json").read_text())
     assert results["train_seconds"] > 0  # summed from metrics.jsonl, so it survives resumes
     # summary of a partly finished grid: seed 1 has not run, nothing is trained
-    partial = run("--seeds", "0", "1", "--summary-only")
+    partial = run("--seeds", "0", "1", "--epochs", "1", "--summary-only")
     assert partial.returncode == 0, partial.stderr[-3000:]
     assert "| sasrec | adamw | 1 |" in partial.stdout
     assert not (tmp_path / "sasrec-adamw-s1").exists()
@@ -93,7 +93,8 @@ def test_reproduce_paper_grid_resumes_and_summarises(tmp_path):
     assert sevo.returncode == 0, sevo.stderr[-3000:]  # SEvo reads the graph: trained
     assert "same_run_as" not in json.loads(
         (tmp_path / "mfbpr-sevo-adamw-s0" / "results.json").read_text())
-    both = run("--models", "sasrec", "mfbpr-item", "--seeds", "0", "--summary-only")
+    both = run("--models", "sasrec", "mfbpr-item", "--seeds", "0", "--epochs", "1",
+               "--summary-only")
     assert both.returncode == 0, both.stderr[-3000:]
     assert "| sasrec | adamw | 1 |" in both.stdout
     assert "| mfbpr-item | sevo-adamw | 1 |" in both.stdout
@@ -110,8 +111,35 @@ def test_reproduce_paper_grid_resumes_and_summarises(tmp_path):
         assert bad.returncode == 2 and needle in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr
     assert not (tmp_path / "bad").exists()
-    note = run("--seeds", "0", "--summary-only", "--dataset-key", "beuty")
+    note = run("--seeds", "0", "--epochs", "1", "--summary-only", "--dataset-key", "beuty")
     assert note.returncode == 0 and "no published numbers for --dataset-key beuty" in note.stdout
+    # a finished run is never reused for a grid with other flags or data: one line, untouched
+    record = tmp_path / "sasrec-adamw-s0" / "results.json"
+    before = record.read_text(), (tmp_path / "sasrec-adamw-s0" / "metrics.jsonl").read_text()
+    for extra, needle in (
+            (["--epochs", "3"], "was trained with --epochs 1 (this grid: 3)"),
+            (["--epochs", "3", "--summary-only"], "was trained with --epochs 1 (this grid: 3)"),
+            (["--epochs", "1", "--patience", "2"], "--patience"),
+            (["--epochs", "1", "--summary-only", "--data", str(tmp_path / "Beauty.txt")],
+             "was trained with --data None")):
+        bad = run("--optimizers", "adamw", "--seeds", "0", *extra)
+        assert bad.returncode == 2 and needle in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr
+    assert (record.read_text(), (tmp_path / "sasrec-adamw-s0" / "metrics.jsonl").read_text()
+            ) == before
+    # another field than the grid's flags (a default changed since the run): a note
+    changed = json.loads(before[0])
+    changed["config"]["dropout"] = 0.123
+    record.write_text(json.dumps(changed))
+    noted = run("--optimizers", "adamw", "--seeds", "0", "--epochs", "1", "--summary-only")
+    assert noted.returncode == 0 and "sasrec-adamw-s0 was trained with dropout=0.123" in noted.stdout
+    # a damaged record (a kill mid-write by an older version): named, nothing else touched
+    record.write_text(before[0][:300])
+    for extra in ([], ["--summary-only"]):
+        bad = run("--optimizers", "adamw", "--seeds", "0", "--epochs", "1", *extra)
+        assert bad.returncode == 2 and f"{record} is damaged" in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr
+    assert record.read_text() == before[0][:300]
 
 
 def load_example(name):
