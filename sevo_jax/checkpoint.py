@@ -262,7 +262,10 @@ class RunCheckpoints:
         ])
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=False,
-            cleanup_tmp_directories=True)
+            cleanup_tmp_directories=True,
+            # Orbax writes a step's metrics to disk only with a best_fn; without them a
+            # reopened run's best step counts as "without metrics" and is deleted
+            best_fn=lambda m: m["NDCG@10"])
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": self._meta_handler})

@@ -157,9 +157,13 @@ def test_keeps_the_latest_and_the_best(tmp_path, small_ds):
     for epoch, score in [(1, 0.1), (2, 0.3), (3, 0.3), (4, 0.2)]:
         ckpts.save(epoch, tree, {"progress": {}}, score)
     assert ckpts.all_epochs() == [2, 4]  # the best (the earlier of a tie) and the latest
-    ckpts.save(5, tree, {"progress": {}}, 0.5)
-    assert ckpts.all_epochs() == [5]
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["5"]
+    # a resumed run (another process) still knows which step was best
+    reopened = checkpoint.RunCheckpoints(tmp_path / "c")
+    reopened.save(5, tree, {"progress": {}}, 0.25)
+    assert reopened.all_epochs() == [2, 5]
+    reopened.save(6, tree, {"progress": {}}, 0.5)
+    assert reopened.all_epochs() == [6]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["6"]
 
 
 def test_a_crash_inside_the_write_window_leaves_the_previous_step(tmp_path, monkeypatch):
