@@ -1127,7 +1127,9 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
                                  "to finish or choose another --out") from None
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
-        found = [name for name in RUN_FILES if (out / name).exists()]
+        # an empty folder (a run that failed before its first checkpoint) is not a run
+        found = [name for name in RUN_FILES if (out / name).exists() and not (
+            (out / name).is_dir() and not any((out / name).iterdir()))]
         legacy = out / "checkpoint.msgpack"
         if resume and not has_checkpoint(out) and legacy.exists():
             raise ValueError(f"{legacy} was written by a sevo_jax before Orbax checkpoints and "
@@ -1145,6 +1147,9 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
             log(f"overwrite: deleted {', '.join(found)} from {out}")
         yield
     except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                (out / CHECKPOINT_DIR).rmdir()  # only if empty: no step was written
         if created and os.listdir(out) == [LOCK_FILE]:  # still locked: no other run is in it
             with contextlib.suppress(OSError):
                 (out / LOCK_FILE).unlink()

@@ -168,6 +168,16 @@ def test_an_out_that_cannot_be_a_folder_is_one_line_naming_the_flag(capsys, tmp_
     assert (tmp_path / "f").read_text() == "keep"
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_folder_reusable(
+        capsys, tmp_path, tiny_csv):
+    base = ["--data", tiny_csv, "--epochs", "1", *TINY]
+    _fails(capsys, base + ["--lr", "1e30", "--out", tmp_path / "new"], "nan")
+    assert not (tmp_path / "new").exists()  # created by the run: removed
+    (tmp_path / "old").mkdir()
+    _fails(capsys, base + ["--lr", "1e30", "--out", tmp_path / "old"], "nan")
+    assert _run(capsys, *base, "--out", tmp_path / "old")[0] == 0  # an empty checkpoints/: no run
+
+
 def test_resume_without_a_checkpoint_is_an_error(capsys, tmp_path, tiny_csv):
     _fails(capsys, ["--data", tiny_csv, "--epochs", "1", *TINY, "--resume", "--out",
                     tmp_path / "fresh"], "cannot resume", "holds no checkpoint")
