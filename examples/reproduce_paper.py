@@ -7,11 +7,13 @@ The grid's models are the reference implementation's backbones: ``sasrec``, ``gr
 ``sevo-train --model M [--graph G] --data D --optimizer O --seed S --out OUT/V-O-sS`` (printed
 beside its row; ``V`` the grid's model name), with the reference's per-model defaults.
 Finished runs are skipped and unfinished ones resumed, so the grid can be stopped and
-restarted; a run that another grid name has trained already (MF-BPR's AdamW baseline is the same
-run on both graphs: AdamW reads no graph) is not trained again, its record says
-``same_run_as``. The summary (mean and std over seeds of the test metrics at the
-best validation epoch, the published numbers beside them) is printed and written to
-``OUT/summary.md``.
+restarted; a finished record trained with other ``--data``, ``--format``, ``--epochs`` or
+``--patience`` than the grid's is an error naming it, never a reused result (any other field
+that differs, e.g. a default changed since, is printed as a note); a run that another grid
+name has trained already (MF-BPR's AdamW baseline is the same run on both graphs: AdamW reads
+no graph) is not trained again, its record says ``same_run_as``. The summary (mean and std over
+seeds of the test metrics at the best validation epoch, the published numbers beside them) is
+printed and written to ``OUT/summary.md``.
 
     python examples/reproduce_paper.py \\
         --data ../shared/data/amazon-beauty/Beauty.txt --out runs/beauty
@@ -58,8 +60,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def command(args: argparse.Namespace, variant: str, optimizer: str, seed: int, out: Path) -> str:
+def variant_fields(variant: str, optimizer: str) -> tuple[str, dict]:
+    """``(model, extra fields)`` of a grid variant for ``optimizer``: without SEvo's fields
+    when it has no SEvo (MF-BPR's AdamW baseline reads no graph: one run for both forms)."""
     model, extra = VARIANTS[variant]
+    if not optimizer.startswith("sevo"):
+        extra = {k: v for k, v in extra.items() if k not in training.OPTIMIZER_FIELDS
+                 or optimizer in training.OPTIMIZER_FIELDS[k]}
+    return model, extra
+
+
+def command(args: argparse.Namespace, variant: str, optimizer: str, seed: int, out: Path) -> str:
+    model, extra = variant_fields(variant, optimizer)
     parts = ["sevo-train", "--model", model]
     for key, value in extra.items():
         parts += [f"--{key.replace('_', '-')}", str(value)]
@@ -94,7 +106,7 @@ GRID_FIELDS = {"data": "--data", "format": "--format", "epochs": "--epochs",
 def grid_config(args: argparse.Namespace, variant: str, optimizer: str, seed: int, out: Path,
                 fmt: str) -> training.TrainConfig:
     """The ``TrainConfig`` of one run of the grid (``command`` prints the same run)."""
-    model, extra = VARIANTS[variant]
+    model, extra = variant_fields(variant, optimizer)
     return training.TrainConfig(model=model, optimizer=optimizer, seed=seed, data=args.data,
                                 **extra, format=fmt, epochs=args.epochs, out=str(out),
                                 progress=args.progress,

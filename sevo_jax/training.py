@@ -107,8 +107,9 @@ class TrainConfig:
         """Check every field's type and range; raise :class:`ConfigError` naming the first bad one.
 
         A field that ``model`` does not read (``MODEL_SPECIFIC_FIELDS``), set anyway, is bad too:
-        an error, not a silent no-op. Cheap and reads no data, so a bad value fails before any
-        work is done.
+        an error, not a silent no-op; so is one that ``optimizer`` does not read
+        (``OPTIMIZER_FIELDS``) set to other than its default. Cheap and reads no data, so a bad
+        value fails before any work is done.
         """
         for field in dataclasses.fields(self):
             if field.name not in _FIELD_RULES:  # a new field must say what values it takes
@@ -135,6 +136,15 @@ class TrainConfig:
                 users = MODEL_SPECIFIC_FIELDS[name]
                 names = ", ".join(users[:-1]) + " and " * (len(users) > 1) + users[-1]
                 raise ConfigError(name, f"applies to {names} only; {self.model} does not use it")
+        unset = TrainConfig()
+        defaults = dataclasses.replace(unset, model=self.model, format=self.format,
+                                       optimizer=self.optimizer).resolved()
+        for name, users in OPTIMIZER_FIELDS.items():
+            value = getattr(self, name)
+            if self.optimizer not in users and value not in (getattr(unset, name),
+                                                             getattr(defaults, name)):
+                raise ConfigError(name, f"applies to {', '.join(users)} only; {self.optimizer} "
+                                  f"does not use it")
         if self.length_bucket is not None and self.model == "mfbpr":
             raise ConfigError("length_bucket", "applies to sequence models; mfbpr has no "
                               "sequences")
@@ -211,6 +221,16 @@ def unread_fields(model: str | None) -> frozenset[str]:
       ['attention_dropout', 'dropout_bits']
     """
     return frozenset(name for name, users in MODEL_SPECIFIC_FIELDS.items() if model not in users)
+
+
+# Fields that only some optimizers read: SEvo's (the graph and psi) and Adam's or SGD's own.
+# Setting one to other than its default for an optimizer that ignores it is an error.
+OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
+    **{name: ("sevo-adamw", "sevo-adam", "sevo-sgd")
+       for name in ("graph", "beta", "num_layers", "approx", "H")},
+    **{name: ("adamw", "sevo-adamw", "adam", "sevo-adam") for name in ("b1", "b2", "eps")},
+    "momentum": ("sgd", "sevo-sgd"),
+}
 
 
 class ConfigError(ValueError):
@@ -1092,8 +1112,9 @@ def _complete_lines(path: Path) -> tuple[list[str], str | None]:
 
 # What a run writes to its folder; a folder holding any of them is in use (see ``fit``).
 CHECKPOINT_DIR = "checkpoints"
+PREVIOUS_RESULTS = "results.previous.json"  # a finished run's record when it trains on
 RUN_FILES = ("metrics.jsonl", "results.json", CHECKPOINT_DIR, "checkpoint.msgpack",
-             "checkpoint.json")
+             "checkpoint.json", PREVIOUS_RESULTS)
 LOCK_FILE = ".sevo-train.lock"
 
 
@@ -1256,6 +1277,15 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
         if len(kept) < len(lines):
             notes.append(f"dropped {len(lines) - len(kept)} line(s) of {log_path} after the "
                          "checkpoint's epoch (trained again)")
+        if saved.get("epochs") not in (None, config.epochs):
+            notes.append(f"training to epoch {config.epochs} (the run was started for "
+                         f"{saved['epochs']})")
+        finished = out / "results.json"
+        if writer and finished.exists() and progress.epoch < epochs and not progress.stopped(
+                config.patience):
+            # the run trains on: its old record no longer describes it (kept beside, renamed)
+            finished.replace(out / PREVIOUS_RESULTS)
+            notes.append(f"moved the finished run's results.json to {PREVIOUS_RESULTS}")
         if bool(saved.get("pack_rows")) != bool(config.pack_rows):
             notes.append(f"pack_rows is {config.pack_rows} now, {saved.get('pack_rows')} for "
                          "the checkpoint's epochs (the same loss, other batch layouts and "

@@ -107,6 +107,22 @@ def test_bad_numbers_name_the_flag_before_the_data_is_read(capsys, tmp_path, fla
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--optimizer", "adamw", "--momentum", "0.9"],
+     "--momentum applies to sgd, sevo-sgd only; adamw does not use it"),
+    (["--optimizer", "sgd", "--b2", "0.9"], "--b2 applies to adamw, sevo-adamw, adam, sevo-adam"),
+    (["--optimizer", "adamw", "--beta", "0.5"], "--beta applies to sevo-adamw, sevo-adam, sevo-sgd"),
+    (["--optimizer", "adam", "--graph", "cooccurrence"], "--graph applies to sevo-"),
+    (["--optimizer", "sgd", "--num-layers", "7"], "--num-layers applies to sevo-"),
+])
+def test_a_flag_the_optimizer_does_not_read_is_an_error(capsys, tmp_path, argv, expected):
+    _fails(capsys, argv + ["--out", tmp_path / "o"], expected)
+    assert not (tmp_path / "o").exists()
+    # a value equal to the default is no setting: accepted
+    for name, value in (("beta", 0.99), ("num_layers", 3), ("b1", 0.9), ("graph", "auto")):
+        dataclasses.replace(training.TrainConfig(optimizer="sgd"), **{name: value}).validate()
+
+
 def test_length_bucket_needs_a_sequence_model(capsys, tmp_path):
     _fails(capsys, ["--model", "mfbpr", "--length-bucket", "5", "--out", tmp_path / "o"],
            "--length-bucket applies to sequence models; mfbpr has no sequences")
@@ -270,8 +286,11 @@ def test_resume_accepts_harmless_differences(capsys, tmp_path, tiny_csv, monkeyp
     code, printed, err = _run(capsys, *argv)
     assert code == 0, err
     assert "resumed from" in printed and "best epoch" in printed
+    assert "training to epoch 2 (the run was started for 1)" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["epochs_run"] == 2 and results["config"]["eval_batch_size"] == 7
+    # the finished run's record was moved aside while it trained on, not left as if current
+    assert json.loads((out / "results.previous.json").read_text())["epochs_run"] == 1
 
 
 def test_resume_with_fewer_epochs_than_done_is_refused(capsys, tmp_path, tiny_csv):
