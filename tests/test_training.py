@@ -63,7 +63,8 @@ def test_train_step_equals_the_oracle_step(small_ds, model, optimizer):
     two tables are smoothed each on its own, MF-BPR's item table alone on the item graph."""
     graph = "cooccurrence" if model == "mfbpr-item" else "auto"
     fields = SMALL | ({"num_heads": 2} if model in ("bert4rec", "stosa") else {})
-    cfg = training.TrainConfig(optimizer=optimizer, momentum=0.9, weight_decay=0.05, graph=graph,
+    momentum = 0.9 if optimizer.endswith("sgd") else None  # the others read none
+    cfg = training.TrainConfig(optimizer=optimizer, momentum=momentum, weight_decay=0.05, graph=graph,
                                **helpers.config_fields(model.removesuffix("-item"), fields)
                                ).resolved()
     _, optimizer_tx, params, opt_state = training.init_training(cfg, small_ds)
