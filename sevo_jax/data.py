@@ -419,9 +419,14 @@ def _read_text(path: Path, encoding: str) -> str:
     return text
 
 
+def _universal_newlines(text: str) -> str:
+    """``\r\n`` (Windows) and a lone ``\r`` (classic Mac OS) as ``\n``, as Python's text mode."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _data_lines(path: Path, encoding: str) -> tuple[list[str], np.ndarray]:
     """Non-blank lines (without line breaks) and their 1-based line numbers."""
-    lines = _read_text(path, encoding).replace("\r\n", "\n").split("\n")
+    lines = _universal_newlines(_read_text(path, encoding)).split("\n")
     keep = np.fromiter(map(len, map(str.strip, lines)), np.int64, len(lines)) > 0
     return list(itertools.compress(lines, keep)), np.flatnonzero(keep) + 1
 
@@ -459,6 +464,15 @@ def _convert(
                         "range: ids must lie in [-2**63, 2**63) (64-bit integers)")
     kind = "an integer" if dtype is np.int64 else "a finite number"
     raise DataError(f"{path}:{line_of(k)}: {what} {_snippet(tokens[k])} is not {kind}")
+
+
+def _timestamps(tokens: list[str], path: Path, line_of: Callable[[int], int]) -> np.ndarray:
+    """Timestamps as int64 when every one is an integer (exact: nanosecond epochs exceed
+    float64's 2^53), else as float64."""
+    try:
+        return np.array(tokens, dtype=np.int64)
+    except (ValueError, OverflowError):
+        return _convert(tokens, np.float64, "timestamp", path, line_of)
 
 
 def _is_integer_literal(token: str) -> bool:
@@ -660,7 +674,7 @@ def load_movielens(
     line_of = lambda k: int(linenos[k])  # noqa: E731
     users = _convert(user, np.int64, "user id", ratings, line_of)
     items = _convert(item, np.int64, "item id", ratings, line_of)
-    times = _convert(ts, np.float64, "timestamp", ratings, line_of)
+    times = _timestamps(ts, ratings, line_of)
     categories = names = None
     if items_file is not None:
         if genres_file is not None:
@@ -714,7 +728,7 @@ def load_csv(
             f"got {widths[k]}"
         )
     user, item, ts = map(list, zip(*rows, strict=True))
-    times = _convert(ts, np.float64, "timestamp", path, lambda k: linenos[k])
+    times = _timestamps(ts, path, lambda k: linenos[k])
     return _build(
         path.stem, _ints_or_strings(user), _ints_or_strings(item), times, source=str(path),
         kcore=kcore, min_len=min_len, keep_duplicates=keep_duplicates,
@@ -829,7 +843,7 @@ def detect_format(path: PathLike) -> str:
     path = _check_file(path)
     with open(path, "rb") as f:
         head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf").decode("latin-1")
-    lines = [line for line in head.replace("\r\n", "\n").split("\n") if line.strip()][:1]
+    lines = [line for line in _universal_newlines(head).split("\n") if line.strip()][:1]
     if not lines:
         return "seqtxt"  # the loader reports the empty file
     if "::" in lines[0] or _ratings_lines(lines[:1]).size:
@@ -838,8 +852,14 @@ def detect_format(path: PathLike) -> str:
 
 
 def _fingerprint(fmt: str, path: Path, kcore: int, min_len: int, keep_duplicates: bool) -> str:
-    """Hash of the format, absolute path, size and mtime of the input(s) and the filters."""
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    """Hash of the format, absolute path, size and mtime of the input(s) and the filters.
+
+    MovieLens inputs are the files the loader reads: the ratings and, beside them, the item
+    and genre files (not the rest of the folder, which may hold the cache itself)."""
+    if fmt == "movielens":
+        files = [p for p in _movielens_files(path) if isinstance(p, Path)]
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     key = [_CACHE_VERSION, fmt, str(path.resolve()), stamp, kcore, min_len, keep_duplicates]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]

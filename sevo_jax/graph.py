@@ -186,7 +186,11 @@ def category_graph(
              [1., 0., 2.],
              [1., 2., 0.]])
     """
-    c = sp.csr_matrix(item_categories, dtype=np.float64)
+    c = sp.csr_matrix(item_categories, dtype=np.float64, copy=True)  # never the caller's arrays
+    if c.nnz and not np.isfinite(c.data).all():
+        raise ValueError("item_categories must be a 0/1 incidence matrix, got NaN or inf entries")
+    c.sum_duplicates()  # a category listed twice for an item is one membership
+    c.eliminate_zeros()  # a stored 0 is no membership
     if c.nnz and (c.data < 0).any():
         raise ValueError("item_categories must be a 0/1 incidence matrix, got negative entries")
     c.data[:] = 1.0

@@ -275,6 +275,42 @@ def test_cache_is_used_on_the_second_call(tmp_path, monkeypatch):
     assert len(list(cache.glob("seq-*.npz"))) == 2
 
 
+def test_movielens_cache_follows_the_genre_file_beside_a_ratings_file(tmp_path):
+    ml = tmp_path / "ml"
+    ml.mkdir()
+    ratings = _write(ml / "ratings.dat", "".join(
+        f"{u}::{i}::5::{t}\n" for u in (1, 2) for t, i in enumerate((1, 2, 1, 2, 1), 1)))
+    _write(ml / "movies.dat", "1::A (1990)::Drama\n2::B (1991)::Comedy\n")
+    cache = ml / "cache"  # inside the data folder: not part of the inputs
+    first = data.load_dataset("movielens", ratings, cache_dir=cache)
+    assert first.category_names == ("Comedy", "Drama")
+    assert data.load_dataset("movielens", ml, cache_dir=cache) == data.load_dataset(
+        "movielens", ml, cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 2  # one per path spelling, each hit again
+    time.sleep(0.01)
+    _write(ml / "movies.dat", "1::A (1990)::Horror\n2::B (1991)::War\n")
+    assert data.load_dataset("movielens", ratings, cache_dir=cache).category_names == (
+        "Horror", "War")
+
+
+def test_lone_carriage_returns_end_lines(tmp_path):
+    path = tmp_path / "cr.txt"
+    path.write_bytes(b"1 2 3 4\r5 6 7 8\r9 2 6 3\r")
+    ds = data.load_dataset("seqtxt", path)
+    assert ds.num_users == 3 and data.detect_format(path) == "seqtxt"
+
+
+def test_nanosecond_timestamps_keep_their_order(tmp_path):
+    base = 1_600_000_000_000_000_000  # > 2^53: float64 would make these equal
+    rows = [("1", "a", 3), ("1", "b", 2), ("1", "c", 1), ("1", "d", 0), ("1", "a", 4)]
+    path = _write(tmp_path / "ns.csv", "".join(f"{u},{i},{base + t}\n" for u, i, t in rows))
+    ds = data.load_dataset("csv", path)
+    small = data.load_dataset("csv", _write(tmp_path / "s.csv", "".join(
+        f"{u},{i},{t}\n" for u, i, t in rows)))
+    assert ds.stats()["duplicates_dropped"] == 0  # ("1", "a") at two distinct times
+    assert ds.fingerprint() == small.fingerprint()  # the same ids, sequences and targets
+
+
 def test_cache_for_real_movielens(tmp_path, ml100k):
     _need(ML100K)
     first = data.load_dataset("movielens", ML100K, cache_dir=tmp_path)

@@ -49,6 +49,21 @@ def test_category_graph():
     assert sj.category_graph(cats, weighted=False).max() == 1.0
 
 
+def test_category_graph_counts_memberships_not_stored_entries():
+    import scipy.sparse as sp
+
+    zero = sp.csr_matrix(([1.0, 0.0, 1.0], ([0, 1, 2], [0, 0, 0])), shape=(3, 1))  # a stored 0
+    np.testing.assert_array_equal(sj.category_graph(zero).toarray(),
+                                  [[0, 0, 1], [0, 0, 0], [1, 0, 0]])
+    twice = sp.csr_matrix(([1.0, 1.0, 1.0], [0, 0, 0], [0, 2, 3]), shape=(2, 1))  # listed twice
+    assert sj.category_graph(twice)[0, 1] == 1.0
+    before = zero.data.copy()
+    sj.category_graph(zero)
+    np.testing.assert_array_equal(zero.data, before)  # the caller's matrix is not touched
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sj.category_graph(np.array([[1.0], [np.nan]]))
+
+
 def test_edge_list_graph():
     a = sj.edge_list_graph([0, 1, 2], [1, 2, 2], 4, weights=[1.0, 2.0, 0.5]).toarray()
     assert a[0, 1] == a[1, 0] == 1.0 and a[1, 2] == 2.0 and a[2, 2] == 1.0 and a[3].sum() == 0
