@@ -16,14 +16,16 @@ direction::
 state or plain dicts) stands beside the core and imports none of it. ``sharding.py`` (the
 trainer's placement on a mesh), ``checkpoint.py`` and ``data``/``models``/``training``/``train``
 (the experiment pipeline) build on the core; the core never imports them.
-``xla_workarounds.py`` sets an XLA:CPU flag at import (wrong YNN reductions in jaxlib 0.10);
+``xla_workarounds.py`` sets XLA:CPU flags at import (wrong YNN reductions in jaxlib 0.10;
+512-bit vectors on CPUs with AVX-512);
 ``host_memory.py`` holds the glibc malloc settings the trainer's CLIs apply (no page faults on
 XLA:CPU's per-step temporaries).
 """
 
-from sevo_jax.xla_workarounds import disable_ynn_reductions
+from sevo_jax.xla_workarounds import disable_ynn_reductions, prefer_wide_vectors
 
 disable_ynn_reductions()  # before JAX creates its CPU backend (sevo_jax/xla_workarounds.py)
+prefer_wide_vectors()
 
 from sevo_jax.graph import (  # noqa: E402
     category_graph,

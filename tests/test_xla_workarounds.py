@@ -95,5 +95,24 @@ def test_importing_sevo_jax_sets_it_before_jax_runs():
     assert out.returncode == 0, out.stderr[-2000:]
     import jaxlib
 
+    expected = []
     if jaxlib.__version__.startswith("0.10."):
-        assert out.stdout.strip() == xla_workarounds.YNN_FLAG
+        expected.append(xla_workarounds.YNN_FLAG)
+    if "avx512f" in xla_workarounds._cpuinfo_flags().split():
+        expected.append(xla_workarounds.WIDE_VECTOR_FLAG)
+    assert out.stdout.strip() == (" ".join(expected) or "None")
+
+
+@pytest.mark.parametrize("env, cpu_flags, added", [
+    ({}, "fpu avx2 avx512f avx512bw", True),
+    ({"XLA_FLAGS": xla_workarounds.YNN_FLAG}, "avx512f", True),
+    ({}, "fpu avx2", False),  # no AVX-512: XLA's default width
+    ({}, "", False),  # no /proc/cpuinfo
+    ({"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}, "avx512f", False),  # the user's
+    ({"SEVO_JAX_KEEP_XLA_FLAGS": "1"}, "avx512f", False),
+])
+def test_wide_vectors_only_with_avx512(env, cpu_flags, added):
+    before = env.get("XLA_FLAGS", "")
+    assert xla_workarounds.prefer_wide_vectors(env, cpu_flags) is added
+    expected = f"{before} {xla_workarounds.WIDE_VECTOR_FLAG}".strip() if added else before
+    assert env.get("XLA_FLAGS", "") == expected
