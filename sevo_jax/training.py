@@ -1171,10 +1171,10 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
         if created:
             with contextlib.suppress(OSError):
                 (out / CHECKPOINT_DIR).rmdir()  # only if empty: no step was written
-        if created and os.listdir(out) == [LOCK_FILE]:  # still locked: no other run is in it
-            with contextlib.suppress(OSError):
-                (out / LOCK_FILE).unlink()
-                out.rmdir()
+            if os.listdir(out) == [LOCK_FILE]:  # still locked: no other run is in it
+                with contextlib.suppress(OSError):
+                    (out / LOCK_FILE).unlink()
+                    out.rmdir()
         raise
     finally:  # otherwise the lock file stays: deleting it could let two runs lock two files
         os.close(fd)
