@@ -64,10 +64,8 @@ def variant_fields(variant: str, optimizer: str) -> tuple[str, dict]:
     """``(model, extra fields)`` of a grid variant for ``optimizer``: without SEvo's fields
     when it has no SEvo (MF-BPR's AdamW baseline reads no graph: one run for both forms)."""
     model, extra = VARIANTS[variant]
-    if not optimizer.startswith("sevo"):
-        extra = {k: v for k, v in extra.items() if k not in training.OPTIMIZER_FIELDS
-                 or optimizer in training.OPTIMIZER_FIELDS[k]}
-    return model, extra
+    unread = training.unread_optimizer_fields(optimizer)
+    return model, {k: v for k, v in extra.items() if k not in unread}
 
 
 def command(args: argparse.Namespace, variant: str, optimizer: str, seed: int, out: Path) -> str:

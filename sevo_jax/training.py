@@ -139,12 +139,11 @@ class TrainConfig:
         unset = TrainConfig()
         defaults = dataclasses.replace(unset, model=self.model, format=self.format,
                                        optimizer=self.optimizer).resolved()
-        for name, users in OPTIMIZER_FIELDS.items():
-            value = getattr(self, name)
-            if self.optimizer not in users and value not in (getattr(unset, name),
-                                                             getattr(defaults, name)):
-                raise ConfigError(name, f"applies to {', '.join(users)} only; {self.optimizer} "
-                                  f"does not use it")
+        unread = unread_optimizer_fields(self.optimizer)
+        for name in (n for n in OPTIMIZER_FIELDS if n in unread):  # in the table's order
+            if getattr(self, name) not in (getattr(unset, name), getattr(defaults, name)):
+                raise ConfigError(name, f"applies to {', '.join(OPTIMIZER_FIELDS[name])} only; "
+                                  f"{self.optimizer} does not use it")
         if self.length_bucket is not None and self.model == "mfbpr":
             raise ConfigError("length_bucket", "applies to sequence models; mfbpr has no "
                               "sequences")
@@ -231,6 +230,16 @@ OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
     **{name: ("adamw", "sevo-adamw", "adam", "sevo-adam") for name in ("b1", "b2", "eps")},
     "momentum": ("sgd", "sevo-sgd"),
 }
+
+
+def unread_optimizer_fields(optimizer: str) -> frozenset[str]:
+    """The ``OPTIMIZER_FIELDS`` that ``optimizer`` does not read.
+
+    Examples:
+      >>> sorted(unread_optimizer_fields("sevo-adamw"))
+      ['momentum']
+    """
+    return frozenset(name for name, users in OPTIMIZER_FIELDS.items() if optimizer not in users)
 
 
 class ConfigError(ValueError):
