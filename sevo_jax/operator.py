@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
+from jax import lax
 from jax.experimental import sparse as jsparse
 
 from sevo_jax import graph as graph_lib
@@ -283,6 +284,40 @@ def blocked_coo(indices: np.ndarray, weights: np.ndarray, num_rows: int,
     return out_indices.reshape(-1, 2), out_weights.reshape(-1), used
 
 
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """``x[rows]`` for non-negative ``rows`` (clamped into range), as one XLA gather.
+
+    ``x[rows]`` in ``jax.numpy`` first maps negative indices to ``rows + len(x)``: a compare,
+    an add and a select per index that XLA:CPU keeps inside the gather loop (psi at d = 16
+    took 1.25x the time with them: BENCHMARKS.md). Graph indices are never negative.
+
+    Examples:
+      >>> take_rows(jnp.arange(6.0).reshape(3, 2), jnp.array([2, 0]))
+      Array([[4., 5.],
+             [0., 1.]], dtype=float32)
+    """
+    dims = lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,),
+                                      start_index_map=(0,))
+    return lax.gather(x, rows[:, None], dims, (1, x.shape[1]), indices_are_sorted=False,
+                      mode=lax.GatherScatterMode.CLIP)
+
+
+def add_rows(out: jax.Array, rows: jax.Array, updates: jax.Array) -> jax.Array:
+    """``out.at[rows].add(updates, mode="drop")`` for sorted, non-negative ``rows``, without
+    ``jax.numpy``'s negative-index wrap (see :func:`take_rows`); rows ``>= len(out)`` are
+    dropped.
+
+    Examples:
+      >>> add_rows(jnp.zeros((2, 1)), jnp.array([1, 1, 2]), jnp.ones((3, 1)))
+      Array([[0.],
+             [2.]], dtype=float32)
+    """
+    dims = lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(0,),
+                                       scatter_dims_to_operand_dims=(0,))
+    return lax.scatter_add(out, rows[:, None], updates, dims, indices_are_sorted=True,
+                           mode=lax.GatherScatterMode.FILL_OR_DROP)
+
+
 def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows: int,
                   impl: str | None = None, chunk: int | None = None,
                   blocked: tuple[int, int] | None = None) -> jax.Array:
@@ -332,7 +367,7 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
         a = jsparse.BCOO((w, indices), shape=(num_rows, x.shape[0]), indices_sorted=True)
         return a @ x
     if impl == "segment_sum" or nnz <= chunk or num_rows == 0:
-        return jax.ops.segment_sum(w[:, None] * x[cols], rows, num_segments=num_rows,
+        return jax.ops.segment_sum(w[:, None] * take_rows(x, cols), rows, num_segments=num_rows,
                                    indices_are_sorted=True)
     if blocked is not None:  # blocked_coo's layout: reshapes, no regrouping
         block, used = blocked
@@ -352,10 +387,10 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
 
     def body(i, out):
         c, v = bcols[i], bw[i]
-        acc = v[:, 0, None] * x[c[:, 0]]
+        acc = v[:, 0, None] * take_rows(x, c[:, 0])
         for j in range(1, block):  # one fused loop; a gather then a sum over j is ~10x slower
-            acc = acc + v[:, j, None] * x[c[:, j]]
-        return out.at[block_row[i]].add(acc, indices_are_sorted=True, mode="drop")
+            acc = acc + v[:, j, None] * take_rows(x, c[:, j])
+        return add_rows(out, block_row[i], acc)
 
     # the first chunk seeds the carry, so it has the loop's type (also under shard_map)
     seed = body(0, jnp.zeros((num_rows, x.shape[1]), x.dtype))
