@@ -288,8 +288,8 @@ def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     """``x[rows]`` for non-negative ``rows`` (clamped into range), as one XLA gather.
 
     ``x[rows]`` in ``jax.numpy`` first maps negative indices to ``rows + len(x)``: a compare,
-    an add and a select per index that XLA:CPU keeps inside the gather loop (psi at d = 16
-    took 1.25x the time with them: BENCHMARKS.md). Graph indices are never negative.
+    an add and a select per index that XLA:CPU keeps inside the gather loop (psi took 1.1-1.25x
+    the time with them at d = 16: BENCHMARKS.md). Graph indices are never negative.
 
     Examples:
       >>> take_rows(jnp.arange(6.0).reshape(3, 2), jnp.array([2, 0]))
