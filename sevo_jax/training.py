@@ -1125,13 +1125,38 @@ PREVIOUS_RESULTS = "results.previous.json"  # a finished run's record when it tr
 RUN_FILES = ("metrics.jsonl", "results.json", CHECKPOINT_DIR, "checkpoint.msgpack",
              "checkpoint.json", PREVIOUS_RESULTS)
 LOCK_FILE = ".sevo-train.lock"
+REPLACED_DIR = ".sevo-train.replaced"  # --overwrite: the previous run, until the new one writes
+_DELETING_DIR = ".sevo-train.deleting"
+
+
+def _restore_replaced(out: Path, log: Callable[[str], None]) -> None:
+    """Move a previous run set aside by ``--overwrite`` back into ``out`` (the run that set it
+    aside failed, or was killed, before writing anything), and finish an interrupted delete."""
+    shutil.rmtree(out / _DELETING_DIR, ignore_errors=True)
+    aside = out / REPLACED_DIR
+    if not aside.is_dir():
+        return
+    back = [p.name for p in sorted(aside.iterdir()) if not (out / p.name).exists()]
+    for name in back:
+        (aside / name).rename(out / name)
+    left = sorted(p.name for p in aside.iterdir())
+    if left:
+        log(f"overwrite: kept {', '.join(left)} of the previous run in {aside}: {out} holds "
+            "files of the same names")
+    else:
+        aside.rmdir()
+    if back:
+        log(f"overwrite: put the previous run's {', '.join(back)} back in {out}")
 
 
 @contextlib.contextmanager
 def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable[[str], None]):
     """Hold ``out`` for one run: lock it, and refuse a folder that another live run holds,
     that already holds a run (without ``resume`` or ``overwrite``) or, with ``resume``, that
-    holds no checkpoint. ``overwrite`` deletes the previous run's ``RUN_FILES``.
+    holds no checkpoint. ``overwrite`` moves the previous run's ``RUN_FILES`` to
+    ``REPLACED_DIR``; the context yields ``replace_previous()``, which deletes them and which the
+    run calls just before it first writes. A run that fails (or is killed) before that puts
+    them back, so a command that fails on its data or settings loses nothing.
 
     The lock is ``flock`` on ``out/LOCK_FILE``: the OS releases it when the process dies,
     so a crashed run never leaves the folder locked. A run that fails before writing anything
@@ -1157,6 +1182,7 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
                                  "to finish or choose another --out") from None
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
+        _restore_replaced(out, log)
         # an empty folder (a run that failed before its first checkpoint) is not a run
         found = [name for name in RUN_FILES if (out / name).exists() and not (
             (out / name).is_dir() and not any((out / name).iterdir()))]
@@ -1171,12 +1197,19 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
             if not overwrite:
                 raise ValueError(f"{out} already holds a run ({', '.join(found)}); pass --resume "
                                  "to continue it or --overwrite to replace it")
+            (out / REPLACED_DIR).mkdir()
             for name in found:
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            log(f"overwrite: deleted {', '.join(found)} from {out}")
-        yield
+                (out / name).rename(out / REPLACED_DIR / name)
+
+        def replace_previous() -> None:
+            if (out / REPLACED_DIR).is_dir():  # renamed first: a killed delete is finished later
+                (out / REPLACED_DIR).rename(out / _DELETING_DIR)
+                shutil.rmtree(out / _DELETING_DIR)
+                log(f"overwrite: deleted {', '.join(found)} of the previous run from {out}")
+
+        yield replace_previous
     except BaseException:
+        _restore_replaced(out, log)
         if created:
             with contextlib.suppress(OSError):
                 (out / CHECKPOINT_DIR).rmdir()  # only if empty: no step was written
@@ -1203,7 +1236,8 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     ``config.out`` and returns the results dict.
 
     ``config.out`` is locked for the run. A folder that already holds a run is refused unless
-    ``resume`` (continue it: it must hold a checkpoint) or ``overwrite`` (delete it first).
+    ``resume`` (continue it: it must hold a checkpoint) or ``overwrite`` (replace it: the old
+    run is deleted once the new one has its data, model and graph, and kept if it fails first).
     ``config.compile_cache`` turns on JAX's persistent compilation cache for the process
     (``enable_compile_cache``).
     """
@@ -1215,15 +1249,15 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     plan = mesh_plan(config)  # a bad --mesh fails here, before any data is read
     out = Path(config.out)
     if plan is not None and jax.process_index() != 0:  # several hosts: process 0 holds out
-        return _fit_in_folder(config, plan, out, resume, dataset, log)
-    with _claim_run_folder(out, resume=resume, overwrite=overwrite, log=log):
-        return _fit_in_folder(config, plan, out, resume, dataset, log)
+        return _fit_in_folder(config, plan, out, resume, dataset, log, lambda: None)
+    with _claim_run_folder(out, resume=resume, overwrite=overwrite, log=log) as replace_previous:
+        return _fit_in_folder(config, plan, out, resume, dataset, log, replace_previous)
 
 
 def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out: Path,
                    resume: bool, dataset: data_lib.SequenceDataset | None,
-                   log: Callable[[str], None]) -> dict:
-    """``fit`` once ``out`` is claimed."""
+                   log: Callable[[str], None], replace_previous: Callable[[], None]) -> dict:
+    """``fit`` once ``out`` is claimed; ``replace_previous()`` runs before the first write."""
     if config.compile_cache:
         enable_compile_cache(log=log)
     epochs = required(config.epochs, "epochs")
@@ -1252,6 +1286,7 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
     shardings = None if plan is None else plan.step_shardings(params, opt_state, optimizer)
     writer = plan is None or jax.process_index() == 0  # several hosts: process 0 writes
 
+    replace_previous()  # data, model and graph are ready: from here on the run writes
     checkpoints = checkpoint_lib.RunCheckpoints(out / CHECKPOINT_DIR)
     run_meta = {"config": cfg_dict, DATA_FINGERPRINT: data_fingerprint,
                 GRAPH_FINGERPRINT: None if adjacency is None

@@ -176,6 +176,38 @@ def test_a_used_out_is_refused_unless_overwrite(capsys, tmp_path, tiny_csv):
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 1
 
 
+def test_overwrite_that_fails_before_writing_keeps_the_previous_run(capsys, tmp_path, tiny_csv):
+    """--overwrite deletes the old run only once the new one has its data, model and graph: a
+    command that fails on its data first leaves every file as it was (and a run killed in
+    between gets its predecessor back at the next claim of the folder)."""
+    out = tmp_path / "o"
+    assert _run(capsys, "--data", tiny_csv, "--epochs", "1", *TINY, "--out", out)[0] == 0
+
+    def contents():
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()
+                and p.name != training.LOCK_FILE}
+
+    before = contents()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2,3\n")
+    _fails(capsys, ["--data", bad, "--epochs", "1", *TINY, "--out", out, "--overwrite"],
+           "bad.csv")
+    assert contents() == before
+    assert not (out / training.REPLACED_DIR).exists()
+    # a run killed after setting the old run aside: the next command puts it back first
+    (out / training.REPLACED_DIR).mkdir()
+    for name in ("metrics.jsonl", "results.json", training.CHECKPOINT_DIR):
+        (out / name).rename(out / training.REPLACED_DIR / name)
+    _fails(capsys, ["--data", tiny_csv, "--epochs", "1", *TINY, "--out", out],
+           f"{out} already holds a run")
+    assert contents() == before
+    code, text, _ = _run(capsys, "--data", tiny_csv, "--epochs", "1", *TINY, "--out", out,
+                         "--overwrite", "--seed", "1")
+    assert code == 0 and "overwrite: deleted metrics.jsonl, results.json, checkpoints" in text
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 1
+    assert not (out / training.REPLACED_DIR).exists()
+
+
 def test_an_out_that_cannot_be_a_folder_is_one_line_naming_the_flag(capsys, tmp_path, tiny_csv):
     (tmp_path / "f").write_text("keep")
     base = ["--data", tiny_csv, "--epochs", "1", *TINY, "--out"]
