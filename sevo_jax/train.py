@@ -143,7 +143,8 @@ def build_parser() -> _Parser:
     a("--resume", action="store_true",
       help="continue the run in OUT from its checkpoint (an error if it has none)")
     a("--overwrite", action="store_true",
-      help="delete the run already in OUT and start again (default: refuse a used OUT)")
+      help="replace the run already in OUT, deleted once the new run has its data, model and "
+           "graph (default: refuse a used OUT)")
     a("--no-progress", action="store_true", help="hide the progress bar")
     p.flags["progress"] = "--no-progress"
     a("--no-compile-cache", action="store_true",
@@ -188,6 +189,14 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is numpy's or XLA's report of an allocation that failed."""
+    import jax
+
+    return isinstance(error, MemoryError) or (
+        isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error))
+
+
 def main(argv: list[str] | None = None) -> int:
     host_memory.keep_freed_memory()  # before JAX starts its threads (sevo_jax/host_memory.py)
     parser = build_parser()
@@ -220,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted; resume with --resume --out {args.out}\n")
         return 130
+    except Exception as e:  # out of host or device memory: one line, not XLA's traceback
+        if not out_of_memory(e):
+            raise
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        sys.stderr.write(f"{PROG}: error: out of memory ({' '.join(first.split())[:200]}); "
+                         "lower --batch-size, --eval-batch-size, --features or --maxlen\n")
+        return 2
     print(f"best epoch {results['best_epoch']} of {results['epochs_run']}; "
           f"results in {args.out}/results.json")
     print(format_table(results))

@@ -144,6 +144,7 @@ class TrainConfig:
             if getattr(self, name) not in (getattr(unset, name), getattr(defaults, name)):
                 raise ConfigError(name, f"applies to {', '.join(OPTIMIZER_FIELDS[name])} only; "
                                   f"{self.optimizer} does not use it")
+        self._refuse_settings_without_effect(unset, defaults)
         if self.length_bucket is not None and self.model == "mfbpr":
             raise ConfigError("length_bucket", "applies to sequence models; mfbpr has no "
                               "sequences")
@@ -152,6 +153,28 @@ class TrainConfig:
             if self.batch_size is not None and self.batch_size % size:
                 raise ConfigError("batch_size", f"{self.batch_size} must be a multiple of the mesh "
                                   f"size {size} (mesh {self.mesh!r}): the batch is split over it")
+
+    def _refuse_settings_without_effect(self, unset: TrainConfig, defaults: TrainConfig) -> None:
+        """Settings that this combination of model, optimizer, graph and data never reads,
+        set to other than their defaults: a ``ConfigError`` (values equal to the default pass)."""
+        sevo = self.optimizer.startswith("sevo")
+        graph = graph_kind(self)
+        if sevo and graph != "cooccurrence" and self.H != unset.H:
+            raise ConfigError("H", f"applies to the co-occurrence graph only; the {graph} graph "
+                              "does not use it")
+        if self.model == "mfbpr" and self.dropout not in (None, 0.0):
+            raise ConfigError("dropout", "applies to sasrec, gru4rec, bert4rec and stosa only; "
+                              "mfbpr has no dropout")
+        if (self.model == "mfbpr" and self.maxlen not in (None, defaults.maxlen)
+                and not (sevo and graph == "cooccurrence")):
+            raise ConfigError("maxlen", "applies to mfbpr only on the co-occurrence graph of a "
+                              "SEvo optimizer (it caps the sequences the graph is counted from)")
+        if self.lr_decay_factor == 1.0 and self.lr_decay_every != unset.lr_decay_every:
+            raise ConfigError("lr_decay_every", "has no effect while --lr-decay-factor is 1 (no "
+                              "decay); set both")
+        if self.format == "synthetic" and self.cache_dir is not None:
+            raise ConfigError("cache_dir", "applies to data read from a file; the synthetic set "
+                              "is generated, never cached")
 
     def resolved(self) -> TrainConfig:
         """Fill the ``None`` defaults: the reference's config of ``model`` (``MODEL_DEFAULTS``:
@@ -264,12 +287,14 @@ def _choice(allowed: tuple[str, ...]) -> Callable[[Any], str | None]:
     return lambda v: None if v in allowed else f"must be one of {', '.join(allowed)}"
 
 
-def _integer(low: int, optional: bool = False) -> Callable[[Any], str | None]:
+def _integer(low: int, optional: bool = False, below: int = 2**63) -> Callable[[Any], str | None]:
     def check(v):
         if v is None and optional:
             return None
-        if not _is_int(v) or not low <= v < 2**63:
-            return "must be a positive integer" if low == 1 else f"must be an integer >= {low}"
+        if not _is_int(v) or not low <= v < below:
+            bound = "" if below == 2**63 else f" below {below:,}"
+            return ("must be a positive integer" if low == 1 else
+                    f"must be an integer >= {low}") + bound
         return None
     return check
 
@@ -320,7 +345,8 @@ _FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "length_bucket": _integer(1, optional=True),
     "pack_rows": lambda v: None if v is None else _flag(v),
     "pvn_weight": _number(0, optional=True), "lr_decay_factor": _number(0, low_open=True),
-    "lr_decay_every": _integer(1), "seed": _integer(0), "eval_every": _integer(1),
+    "lr_decay_every": _integer(1), "seed": _integer(0, below=2**32),  # PRNGKey keeps 32 bits
+    "eval_every": _integer(1),
     "patience": _integer(1, optional=True), "eval_batch_size": _integer(1), "kcore": _integer(0),
     "keep_duplicates": _flag, "cache_dir": _text(optional=True), "out": _text(optional=False),
     "progress": _flag, "mesh": _text(optional=True), "compile_cache": _flag,

@@ -31,10 +31,13 @@ def worker_cpu() -> int:
 
 def config_fields(model: str, fields: dict) -> dict:
     """``fields`` without those ``model`` does not read (``TrainConfig`` rejects them:
-    ``training.unread_fields``), plus ``model``."""
+    ``training.unread_fields``, and MF-BPR's ``maxlen`` off the co-occurrence graph), plus
+    ``model``."""
     from sevo_jax import training
 
-    unread = training.unread_fields(model)
+    unread = set(training.unread_fields(model))
+    if model == "mfbpr" and fields.get("graph") != "cooccurrence":
+        unread.add("maxlen")  # read only to count an item graph from the sequences
     return {**{k: v for k, v in fields.items() if k not in unread}, "model": model}
 
 

@@ -85,7 +85,8 @@ def test_validate_walks_every_config_field():
 @pytest.mark.parametrize(
     "flag, value, expected",
     [
-        ("--seed", "-1", "--seed must be an integer >= 0, got -1"),
+        ("--seed", "-1", "--seed must be an integer >= 0 below 4,294,967,296, got -1"),
+        ("--seed", "4294967296", "--seed must be an integer >= 0 below 4,294,967,296"),
         ("--b1", "1.5", "--b1 must lie in [0, 1), got 1.5"),
         ("--b2", "1", "--b2 must lie in [0, 1), got 1.0"),
         ("--eps", "0", "--eps must be a finite number > 0"),
@@ -121,6 +122,43 @@ def test_a_flag_the_optimizer_does_not_read_is_an_error(capsys, tmp_path, argv, 
     # a value equal to the default is no setting: accepted
     for name, value in (("beta", 0.99), ("num_layers", 3), ("b1", 0.9), ("graph", "auto")):
         dataclasses.replace(training.TrainConfig(optimizer="sgd"), **{name: value}).validate()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--model", "mfbpr", "--dropout", "0.5"], "--dropout applies to sasrec, gru4rec, bert4rec "
+     "and stosa only; mfbpr has no dropout"),
+    (["--model", "mfbpr", "--maxlen", "3"], "--maxlen applies to mfbpr only on the co-occurrence"),
+    (["--model", "mfbpr", "--H", "4"], "--H applies to the co-occurrence graph only; the "
+     "user-item graph does not use it"),
+    (["--graph", "category", "--H", "7"], "the category graph does not use it"),
+    (["--lr-decay-every", "1"], "--lr-decay-every has no effect while --lr-decay-factor is 1"),
+    (["--cache-dir", "somewhere"], "--cache-dir applies to data read from a file"),
+])
+def test_a_setting_that_this_run_never_reads_is_an_error(capsys, tmp_path, argv, expected):
+    _fails(capsys, argv + ["--out", tmp_path / "o"], expected)
+    assert not (tmp_path / "o").exists()
+    # the defaults, and the settings where they are read, pass
+    for fields in ({"model": "mfbpr", "dropout": 0.0}, {"model": "mfbpr", "maxlen": 50},
+                   {"model": "mfbpr", "graph": "cooccurrence", "maxlen": 3, "H": 2},
+                   {"lr_decay_every": 25}, {"lr_decay_factor": 0.5, "lr_decay_every": 3},
+                   {"model": "mfbpr", "optimizer": "adamw", "H": 1}):
+        dataclasses.replace(training.TrainConfig(), **fields).validate()
+
+
+def test_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path):
+    import jax
+
+    for error in (MemoryError("Unable to allocate 3.73 GiB for an array"),
+                  jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating "
+                                             "1600000000 bytes.\nmore detail")):
+        def fit(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(training, "fit", fit)
+        _fails(capsys, ["--out", tmp_path / "o"], "error: out of memory (", "lower --batch-size")
+    monkeypatch.setattr(training, "fit", lambda *a, **k: (_ for _ in ()).throw(
+        jax.errors.JaxRuntimeError("INTERNAL: something else")))
+    with pytest.raises(jax.errors.JaxRuntimeError):  # not an allocation: not hidden
+        _run(capsys, "--out", tmp_path / "o")
 
 
 def test_length_bucket_needs_a_sequence_model(capsys, tmp_path):
