@@ -341,7 +341,9 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
 
     Rows must be non-decreasing (``"chunked"`` groups each row's entries by position and
     gives wrong sums otherwise); entries whose row is out of range (``>= num_rows``:
-    sharding's padding, sorted last) are dropped. ``chunk`` (slots per loop step; one step,
+    sharding's padding, sorted last) are dropped. Columns must lie in ``[0, x.shape[0])``
+    (as in every graph ``as_normalized_graph`` and ``shard_graph`` build; not checked here):
+    ``"chunked"`` and ``"segment_sum"`` clamp others into range, ``"bcoo"`` drops them. ``chunk`` (slots per loop step; one step,
     by ``"segment_sum"``, when ``nnz <= chunk``) defaults to ``MATMUL_CHUNK`` or, when that
     is None, to the number of rows of ``x`` that fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64
     in float32). While it runs, ``"chunked"`` holds the blocks' columns and weights: 8 bytes
@@ -532,6 +534,10 @@ class NormalizedGraph(GraphOperator):
           Array([[3.],
                  [3.]], dtype=float32)
         """
+        shape = jnp.shape(y)
+        if len(shape) != 2 or shape[0] != self.num_nodes:
+            raise ValueError(f"y must have shape (num_nodes, d) = ({self.num_nodes}, d), got "
+                             f"{shape}: one row per node of the graph")
         return sparse_matmul(self.indices, self.weights, y, self.num_nodes, impl,
                              blocked=self.host.blocked)
 

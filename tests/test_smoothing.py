@@ -270,6 +270,16 @@ def test_row_gather_and_scatter_match_numpy_indexing():
         assert "compare" not in hlo and "select" not in hlo, f.__name__
 
 
+def test_matmul_needs_one_row_per_node():
+    """A table of another row count is an error, not a clamped or truncated product."""
+    g = sj.as_normalized_graph(np.ones((6, 6)) - np.eye(6))
+    for shape in ((5, 2), (7, 2), (6,)):
+        with pytest.raises(ValueError, match=r"shape \(num_nodes, d\) = \(6, d\)"):
+            g.matmul(jnp.ones(shape))
+    with pytest.raises(ValueError, match="one row per node"):
+        g.apply(lambda mm, x: mm(x), [jnp.ones((2, 1)), jnp.ones((3, 1))])
+
+
 def test_matmul_unknown_impl():
     g = sj.as_normalized_graph(random_graph(np.random.default_rng(0), 5))
     with pytest.raises(ValueError, match="impl must be one of"):
