@@ -697,13 +697,18 @@ def _is_float_literal(token: str) -> bool:
     return True
 
 
+# header names of a third CSV column that is not a time (a ratings or counts file)
+NOT_A_TIME_COLUMN = ("rating", "score", "star", "count", "weight", "label")
+
+
 def load_csv(
     path: PathLike, *, kcore: int = 0, min_len: int = 3, keep_duplicates: bool = False
 ) -> SequenceDataset:
     """Load a ``user,item,timestamp`` CSV (standard quoting; optional header line).
 
     The first line is a header when none of its three fields is a number (so ``1,2,x`` or
-    ``1,2,nan`` is a data row, and an error). Ids are integers
+    ``1,2,nan`` is a data row, and an error); a header whose third name says it is not a
+    time (``NOT_A_TIME_COLUMN``: e.g. ``userId,movieId,rating``) is an error, not an order. Ids are integers
     (ordered numerically) when every id of the column is an integer, otherwise arbitrary
     strings (ordered lexicographically). Timestamps are numbers; ties keep file order.
     """
@@ -716,6 +721,11 @@ def load_csv(
             rows.append(row)
             linenos.append(reader.line_num)
     if rows and len(rows[0]) == 3 and not any(map(_is_float_literal, rows[0])):
+        third = rows[0][2].strip()
+        if any(word in third.lower() for word in NOT_A_TIME_COLUMN):
+            raise DataError(f"{path}:{linenos[0]}: the third column is {third!r}, not a time: "
+                            "the CSV format is user,item,timestamp (the timestamp orders each "
+                            "user's items)")
         rows, linenos = rows[1:], linenos[1:]
     if not rows:
         raise DataError(f"{path}: file is empty (no data lines)")

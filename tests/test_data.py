@@ -525,3 +525,15 @@ def test_csv_header_is_a_row_without_any_number(tmp_path):
         data.load_csv(_write(tmp_path / "log.csv", "1,2,x\n1,3,2\n1,4,3\n1,5,4\n"))
     ds = data.load_csv(_write(tmp_path / "named.csv", "user_id,item_id,ts\n1,3,2\n1,4,3\n1,5,4\n"))
     assert ds.stats()["interactions"] == 3
+
+
+def test_csv_header_naming_ratings_is_refused_not_taken_as_times(tmp_path):
+    """A ratings file (``userId,movieId,rating``) would order each user's items by rating:
+    its header names it, and that is one line, not a data set."""
+    body = "1,10,4.5\n1,11,3.0\n1,12,5.0\n1,13,1.0\n"
+    for name in ("rating", "Rating", "score", "stars"):
+        path = _write(tmp_path / f"{name}.csv", f"userId,movieId,{name}\n" + body)
+        with pytest.raises(DataError, match=rf":1: the third column is '{name}', not a time"):
+            data.load_csv(path)
+    ok = data.load_csv(_write(tmp_path / "time.csv", "userId,movieId,timestamp\n" + body))
+    assert ok.stats()["interactions"] == 4
