@@ -1151,6 +1151,16 @@ PREVIOUS_RESULTS = "results.previous.json"  # a finished run's record when it tr
 RUN_FILES = ("metrics.jsonl", "results.json", CHECKPOINT_DIR, "checkpoint.msgpack",
              "checkpoint.json", PREVIOUS_RESULTS)
 LOCK_FILE = ".sevo-train.lock"
+
+
+def _free_previous_results_name(out: Path) -> str:
+    """``PREVIOUS_RESULTS``, or ``results.previous.N.json`` (N = 2, 3, ...) once taken: every
+    record a run finished with before training on is kept."""
+    name, n = PREVIOUS_RESULTS, 1
+    while (out / name).exists():
+        n += 1
+        name = PREVIOUS_RESULTS.replace(".json", f".{n}.json")
+    return name
 REPLACED_DIR = ".sevo-train.replaced"  # --overwrite: the previous run, until the new one writes
 _DELETING_DIR = ".sevo-train.deleting"
 
@@ -1212,6 +1222,7 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
         # an empty folder (a run that failed before its first checkpoint) is not a run
         found = [name for name in RUN_FILES if (out / name).exists() and not (
             (out / name).is_dir() and not any((out / name).iterdir()))]
+        found += sorted(p.name for p in out.glob("results.previous.*.json"))
         legacy = out / "checkpoint.msgpack"
         if resume and not has_checkpoint(out) and legacy.exists():
             raise ValueError(f"{legacy} was written by a sevo_jax before Orbax checkpoints and "
@@ -1354,8 +1365,9 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
         if writer and finished.exists() and progress.epoch < epochs and not progress.stopped(
                 config.patience):
             # the run trains on: its old record no longer describes it (kept beside, renamed)
-            finished.replace(out / PREVIOUS_RESULTS)
-            notes.append(f"moved the finished run's results.json to {PREVIOUS_RESULTS}")
+            kept_as = _free_previous_results_name(out)
+            finished.replace(out / kept_as)
+            notes.append(f"moved the finished run's results.json to {kept_as}")
         if bool(saved.get("pack_rows")) != bool(config.pack_rows):
             notes.append(f"pack_rows is {config.pack_rows} now, {saved.get('pack_rows')} for "
                          "the checkpoint's epochs (the same loss, other batch layouts and "

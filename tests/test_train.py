@@ -361,6 +361,17 @@ def test_resume_accepts_harmless_differences(capsys, tmp_path, tiny_csv, monkeyp
     assert results["epochs_run"] == 2 and results["config"]["eval_batch_size"] == 7
     # the finished run's record was moved aside while it trained on, not left as if current
     assert json.loads((out / "results.previous.json").read_text())["epochs_run"] == 1
+    # trained on once more: both earlier records are kept
+    argv[argv.index("2")] = "3"
+    code, printed, err = _run(capsys, *argv)
+    assert code == 0 and "to results.previous.2.json" in printed, err
+    assert json.loads((out / "results.previous.json").read_text())["epochs_run"] == 1
+    assert json.loads((out / "results.previous.2.json").read_text())["epochs_run"] == 2
+    # --overwrite sets every record aside with the run, and deletes them once it writes
+    code, printed, err = _run(capsys, "--data", "log.csv", *TINY, "--epochs", "1", "--out",
+                              out, "--overwrite")
+    assert code == 0 and "results.previous.2.json of the previous run" in printed, err
+    assert not list(out.glob("results.previous*"))
 
 
 def test_resume_with_fewer_epochs_than_done_is_refused(capsys, tmp_path, tiny_csv):
