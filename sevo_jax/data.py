@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 import os
+import re
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -697,7 +698,8 @@ def _is_float_literal(token: str) -> bool:
     return True
 
 
-# header names of a third CSV column that is not a time (a ratings or counts file)
+# words in the header name of a third CSV column that is not a time (a ratings or counts file;
+# whole words, singular: "stars" matches, "start_time" does not)
 NOT_A_TIME_COLUMN = ("rating", "score", "star", "count", "weight", "label")
 
 
@@ -708,9 +710,10 @@ def load_csv(
 
     The first line is a header when none of its three fields is a number (so ``1,2,x`` or
     ``1,2,nan`` is a data row, and an error); a header whose third name says it is not a
-    time (``NOT_A_TIME_COLUMN``: e.g. ``userId,movieId,rating``) is an error, not an order. Ids are integers
-    (ordered numerically) when every id of the column is an integer, otherwise arbitrary
-    strings (ordered lexicographically). Timestamps are numbers; ties keep file order.
+    time (``NOT_A_TIME_COLUMN``: e.g. ``userId,movieId,rating``) is an error, not an order.
+    Ids are integers (ordered numerically) when every id of the column is an integer,
+    otherwise arbitrary strings (ordered lexicographically). Timestamps are numbers; ties
+    keep file order.
     """
     path = _check_file(path)
     text = _read_text(path, "utf-8-sig")
@@ -722,7 +725,8 @@ def load_csv(
             linenos.append(reader.line_num)
     if rows and len(rows[0]) == 3 and not any(map(_is_float_literal, rows[0])):
         third = rows[0][2].strip()
-        if any(word in third.lower() for word in NOT_A_TIME_COLUMN):
+        words = {w.rstrip("s") for w in re.findall(r"[a-z]+", third.lower())}
+        if words & set(NOT_A_TIME_COLUMN):
             raise DataError(f"{path}:{linenos[0]}: the third column is {third!r}, not a time: "
                             "the CSV format is user,item,timestamp (the timestamp orders each "
                             "user's items)")

@@ -343,10 +343,10 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
     gives wrong sums otherwise); entries whose row is out of range (``>= num_rows``:
     sharding's padding, sorted last) are dropped. Columns must lie in ``[0, x.shape[0])``
     (as in every graph ``as_normalized_graph`` and ``shard_graph`` build; not checked here):
-    ``"chunked"`` and ``"segment_sum"`` clamp others into range, ``"bcoo"`` drops them. ``chunk`` (slots per loop step; one step,
-    by ``"segment_sum"``, when ``nnz <= chunk``) defaults to ``MATMUL_CHUNK`` or, when that
-    is None, to the number of rows of ``x`` that fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64
-    in float32). While it runs, ``"chunked"`` holds the blocks' columns and weights: 8 bytes
+    ``"chunked"`` and ``"segment_sum"`` clamp others into range, ``"bcoo"`` drops them.
+    ``chunk`` (slots per loop step; one step, by ``"segment_sum"``, when ``nnz <= chunk``)
+    defaults to ``MATMUL_CHUNK`` or, when that is None, to the number of rows of ``x`` that
+    fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64 in float32). While it runs, ``"chunked"`` holds the blocks' columns and weights: 8 bytes
     for each of at most ``nnz + 7 num_rows`` slots (about 11 bytes per non-zero at 20
     non-zeros a row; the graph itself takes 12).
 

@@ -535,5 +535,6 @@ def test_csv_header_naming_ratings_is_refused_not_taken_as_times(tmp_path):
         path = _write(tmp_path / f"{name}.csv", f"userId,movieId,{name}\n" + body)
         with pytest.raises(DataError, match=rf":1: the third column is '{name}', not a time"):
             data.load_csv(path)
-    ok = data.load_csv(_write(tmp_path / "time.csv", "userId,movieId,timestamp\n" + body))
-    assert ok.stats()["interactions"] == 4
+    for name in ("timestamp", "start_time", "Time"):
+        ok = data.load_csv(_write(tmp_path / "time.csv", f"userId,movieId,{name}\n" + body))
+        assert ok.stats()["interactions"] == 4
