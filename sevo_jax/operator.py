@@ -346,9 +346,9 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
     ``"chunked"`` and ``"segment_sum"`` clamp others into range, ``"bcoo"`` drops them.
     ``chunk`` (slots per loop step; one step, by ``"segment_sum"``, when ``nnz <= chunk``)
     defaults to ``MATMUL_CHUNK`` or, when that is None, to the number of rows of ``x`` that
-    fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64 in float32). While it runs, ``"chunked"`` holds the blocks' columns and weights: 8 bytes
-    for each of at most ``nnz + 7 num_rows`` slots (about 11 bytes per non-zero at 20
-    non-zeros a row; the graph itself takes 12).
+    fill ``MATMUL_CHUNK_BYTES`` (4096 at d = 64 in float32). While it runs, ``"chunked"``
+    holds the blocks' columns and weights: 8 bytes for each of at most ``nnz + 7 num_rows``
+    slots (about 11 bytes per non-zero at 20 non-zeros a row; the graph itself takes 12).
 
     Examples:
       >>> idx = jnp.array([[0, 1], [1, 0]], jnp.int32)   # S = [[0, 2], [3, 0]]
