@@ -47,6 +47,8 @@ def child(args) -> None:
     from sevo_jax import training
 
     ds, source = _util.model_data(args.data, args.smoke)
+    if args.model == "mfbpr":  # no sequences: TrainConfig refuses a maxlen it would not read
+        source.pop("maxlen", None)
     cfg = training.TrainConfig(model=args.model, optimizer=args.optimizer, progress=False,
                                **source).resolved()
     model, tx, params, state = training.init_training(cfg, ds)

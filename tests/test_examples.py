@@ -105,7 +105,8 @@ def test_reproduce_paper_grid_resumes_and_summarises(tmp_path):
     assert "Traceback" not in nothing.stderr
     # bad input: one line naming it, no traceback, nothing trained
     for extra, needle in ((["--data", str(tmp_path / "none.txt")], "none.txt: not found"),
-                          (["--seeds", "-1"], "seed must be an integer >= 0, got -1"),
+                          (["--seeds", "-1"],
+                           "seed must be an integer >= 0 below 4,294,967,296, got -1"),
                           (["--epochs", "0"], "epochs must be a positive integer, got 0")):
         bad = run("--seeds", "0", *extra, "--out", str(tmp_path / "bad"))
         assert bad.returncode == 2 and needle in bad.stderr, bad.stderr
