@@ -47,7 +47,7 @@ def child(args) -> None:
     from sevo_jax import training
 
     ds, source = _util.model_data(args.data, args.smoke)
-    if args.model == "mfbpr":  # no sequences: TrainConfig refuses a maxlen it would not read
+    if not training.reads_maxlen(args.model, optimizer=args.optimizer):  # TrainConfig refuses it
         source.pop("maxlen", None)
     cfg = training.TrainConfig(model=args.model, optimizer=args.optimizer, progress=False,
                                **source).resolved()

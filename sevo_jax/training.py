@@ -165,8 +165,8 @@ class TrainConfig:
         if self.model == "mfbpr" and self.dropout not in (None, 0.0):
             raise ConfigError("dropout", "applies to sasrec, gru4rec, bert4rec and stosa only; "
                               "mfbpr has no dropout")
-        if (self.model == "mfbpr" and self.maxlen not in (None, defaults.maxlen)
-                and not (sevo and graph == "cooccurrence")):
+        if (self.maxlen not in (None, defaults.maxlen)
+                and not reads_maxlen(self.model, self.graph, self.optimizer)):
             raise ConfigError("maxlen", "applies to mfbpr only on the co-occurrence graph of a "
                               "SEvo optimizer (it caps the sequences the graph is counted from)")
         if self.lr_decay_factor == 1.0 and self.lr_decay_every != unset.lr_decay_every:
@@ -358,6 +358,15 @@ def graph_kind(config: TrainConfig) -> str:
     if config.graph != "auto":
         return config.graph
     return "user-item" if config.model == "mfbpr" else "cooccurrence"
+
+
+def reads_maxlen(model: str, graph: str = "auto", optimizer: str = "sevo-adamw") -> bool:
+    """Whether a run reads ``maxlen``: every sequence model does; MF-BPR (no sequences) only
+    to count a SEvo optimizer's co-occurrence graph from the training sequences."""
+    if model != "mfbpr":
+        return True
+    return optimizer.startswith("sevo") and graph_kind(
+        TrainConfig(model=model, graph=graph)) == "cooccurrence"
 
 
 def smoothed_tables(config: TrainConfig) -> tuple[str, ...]:
@@ -1151,6 +1160,13 @@ PREVIOUS_RESULTS = "results.previous.json"  # a finished run's record when it tr
 RUN_FILES = ("metrics.jsonl", "results.json", CHECKPOINT_DIR, "checkpoint.msgpack",
              "checkpoint.json", PREVIOUS_RESULTS)
 LOCK_FILE = ".sevo-train.lock"
+REPLACED_DIR = ".sevo-train.replaced"  # --overwrite: the previous run, until the new one writes
+_DELETING_DIR = ".sevo-train.deleting"
+
+
+def _numbered_previous_results(n: int | str) -> str:
+    """The name of the ``n``-th kept record, ``results.previous.N.json`` (``"*"``: a glob)."""
+    return PREVIOUS_RESULTS.replace(".json", f".{n}.json")
 
 
 def _free_previous_results_name(out: Path) -> str:
@@ -1159,10 +1175,8 @@ def _free_previous_results_name(out: Path) -> str:
     name, n = PREVIOUS_RESULTS, 1
     while (out / name).exists():
         n += 1
-        name = PREVIOUS_RESULTS.replace(".json", f".{n}.json")
+        name = _numbered_previous_results(n)
     return name
-REPLACED_DIR = ".sevo-train.replaced"  # --overwrite: the previous run, until the new one writes
-_DELETING_DIR = ".sevo-train.deleting"
 
 
 def _restore_replaced(out: Path, log: Callable[[str], None]) -> None:
@@ -1222,7 +1236,7 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
         # an empty folder (a run that failed before its first checkpoint) is not a run
         found = [name for name in RUN_FILES if (out / name).exists() and not (
             (out / name).is_dir() and not any((out / name).iterdir()))]
-        found += sorted(p.name for p in out.glob("results.previous.*.json"))
+        found += sorted(p.name for p in out.glob(_numbered_previous_results("*")))
         legacy = out / "checkpoint.msgpack"
         if resume and not has_checkpoint(out) and legacy.exists():
             raise ValueError(f"{legacy} was written by a sevo_jax before Orbax checkpoints and "

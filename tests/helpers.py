@@ -31,13 +31,14 @@ def worker_cpu() -> int:
 
 def config_fields(model: str, fields: dict) -> dict:
     """``fields`` without those ``model`` does not read (``TrainConfig`` rejects them:
-    ``training.unread_fields``, and MF-BPR's ``maxlen`` off the co-occurrence graph), plus
+    ``training.unread_fields``, and ``maxlen`` where ``training.reads_maxlen`` says no), plus
     ``model``."""
     from sevo_jax import training
 
     unread = set(training.unread_fields(model))
-    if model == "mfbpr" and fields.get("graph") != "cooccurrence":
-        unread.add("maxlen")  # read only to count an item graph from the sequences
+    optimizer = fields.get("optimizer", training.TrainConfig.optimizer)
+    if not training.reads_maxlen(model, fields.get("graph", "auto"), optimizer):
+        unread.add("maxlen")
     return {**{k: v for k, v in fields.items() if k not in unread}, "model": model}
 
 
