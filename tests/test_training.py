@@ -686,7 +686,8 @@ def test_sevo_at_or_above_adamw_on_planted_clusters(tmp_path, model):
     scores = {}
     for opt in ("adamw", "sevo-adamw"):
         fields = dict(maxlen=20, features=32, num_blocks=1, batch_size=128, progress=False)
-        read = {k: v for k, v in extra.items() if k != "graph" or opt.startswith("sevo")}
+        unread = training.unread_optimizer_fields(opt)
+        read = {k: v for k, v in extra.items() if k not in unread}
         cfg = training.TrainConfig(optimizer=opt, eval_every=extra["epochs"] // 2,
                                    out=str(tmp_path / opt), **read,
                                    **helpers.config_fields(model, fields))
