@@ -245,21 +245,25 @@ def _row_blocks(indices: jax.Array, weights: jax.Array, num_rows: int, block: in
 def blocked_coo(indices: np.ndarray, weights: np.ndarray, num_rows: int,
                 block: int = MATMUL_BLOCK) -> tuple[np.ndarray, np.ndarray, int]:
     """``_row_blocks`` on the host, once per graph: a row-sorted COO (rows in range) rewritten
-    as blocks of ``block`` consecutive slots, each in one row, that ``sparse_matmul(...,
-    blocked=(block, used))`` reads without regrouping.
+    as blocks of ``block`` consecutive slots, each in one row, in the layout that
+    ``sparse_matmul(..., blocked=(block, used))`` reads without regrouping.
 
-    Returns ``(indices, weights, used)``: still a row-sorted COO of the same matrix (the slots
-    past a row's last entry repeat its first entry with weight 0), of ``total * block`` slots
-    where ``total`` is the ``used`` blocks rounded up to a power of two, or to a multiple of
-    ``MAX_CHUNK_BLOCKS`` from there on (the padding blocks repeat the last entry with weight 0),
-    so that any power-of-two number of blocks per loop step up to that divides it. Padding only
-    repeats entries with weight 0: a non-finite ``x[col]`` reaches no row that lacks ``col``.
+    Returns ``(blocks, weights, used)``. ``blocks`` is int32 of shape (total, 1 + block): a
+    block's row, then its ``block`` columns; ``weights`` (total * block,) float32 holds the
+    slots' weights block after block. The slots past a row's last entry repeat its first
+    column with weight 0. ``total`` is the ``used`` blocks rounded up to a power of two, or to
+    a multiple of ``MAX_CHUNK_BLOCKS`` from there on (the padding blocks repeat the last
+    entry with weight 0), so that any power-of-two number of blocks per loop step up to that
+    divides it. Padding only repeats entries with weight 0: a non-finite ``x[col]`` reaches no
+    row that lacks ``col``. A block's row and columns sit side by side because the product
+    reads them together: two separate COO columns cost psi 1.2-1.6x the time at d = 16
+    (BENCHMARKS.md).
 
     Examples:
       >>> idx = np.array([[0, 1], [1, 0], [1, 1]], np.int32)
-      >>> i, w, used = blocked_coo(idx, np.array([2.0, 3.0, 4.0], np.float32), 2, block=2)
-      >>> i.tolist(), w.tolist(), used
-      ([[0, 1], [0, 1], [1, 0], [1, 1]], [2.0, 0.0, 3.0, 4.0], 2)
+      >>> b, w, used = blocked_coo(idx, np.array([2.0, 3.0, 4.0], np.float32), 2, block=2)
+      >>> b.tolist(), w.tolist(), used
+      ([[0, 1, 1], [1, 0, 1]], [2.0, 0.0, 3.0, 4.0], 2)
     """
     rows = np.asarray(indices[:, 0], np.int64)
     degree = np.bincount(rows, minlength=num_rows)
@@ -275,13 +279,27 @@ def blocked_coo(indices: np.ndarray, weights: np.ndarray, num_rows: int,
     src = first[:, None] + np.arange(block)
     valid = src < (entry_start + degree)[block_row][:, None]
     src = np.where(valid, src, entry_start[block_row][:, None])
-    out_indices = np.zeros((total, block, 2), np.int32)
-    out_indices[:used, :, 0] = block_row[:, None]
-    out_indices[:used, :, 1] = indices[src, 1]
-    out_indices[used:] = indices[-1] if used else 0  # weight 0 on an entry that exists
+    blocks = np.zeros((total, 1 + block), np.int32)
+    blocks[:used, 0] = block_row
+    blocks[:used, 1:] = indices[src, 1]
+    if used:  # weight 0 on an entry that exists
+        blocks[used:, 0], blocks[used:, 1:] = indices[-1, 0], indices[-1, 1]
     out_weights = np.zeros((total, block), np.float32)
     out_weights[:used] = np.where(valid, weights[src], 0)
-    return out_indices.reshape(-1, 2), out_weights.reshape(-1), used
+    return blocks, out_weights.reshape(-1), used
+
+
+def blocks_as_coo(blocks: jax.Array) -> jax.Array:
+    """``blocked_coo``'s blocks as the row-sorted COO ``(slots, 2)`` they hold (padding slots
+    included, with their zero weights), for the products that read a COO.
+
+    Examples:
+      >>> blocks_as_coo(jnp.array([[0, 1, 1], [1, 0, 1]])).tolist()
+      [[0, 1], [0, 1], [1, 0], [1, 1]]
+    """
+    block = blocks.shape[1] - 1
+    rows = jnp.broadcast_to(blocks[:, :1], (blocks.shape[0], block))
+    return jnp.stack([rows.reshape(-1), blocks[:, 1:].reshape(-1)], axis=1)
 
 
 def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
@@ -330,13 +348,14 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
       pass; the GPU default);
     * ``"chunked"`` (the CPU default): each row's entries regrouped into blocks of
       ``MATMUL_BLOCK`` (8) slots, padded with zero weights (``_row_blocks``, computed in the
-      call, or ``blocked_coo``'s once per graph: ``blocked=(block, used blocks)``, as
-      ``NormalizedGraph`` does on CPU); a ``fori_loop`` then walks ``chunk`` slots at a
-      time, sums each block's scaled rows ``x[col]`` in registers (``MATMUL_BLOCK`` gathers
-      and multiply-adds, one fused loop) and scatter-adds the block sums into their rows, so
-      the (nnz, d) message buffer never exists and the scatter sees one update per block, not
-      per non-zero (with the blocks built once per graph, 0.39-0.97x scipy's CSR time for
-      psi at d = 16-128 and 100k-20M non-zeros: BENCHMARKS.md);
+      call, or ``blocked_coo``'s once per graph, as ``NormalizedGraph`` does on CPU: then
+      ``indices`` are its blocks, (blocks, 1 + block), and ``blocked=(block, used blocks)``;
+      the other products read them as ``blocks_as_coo``); a ``fori_loop`` walks ``chunk``
+      slots at a time, sums each block's scaled rows ``x[col]`` in registers
+      (``MATMUL_BLOCK`` gathers and multiply-adds, one fused loop) and scatter-adds the block
+      sums into their rows, so the (nnz, d) message buffer never exists and the scatter sees
+      one update per block, not per non-zero (with the blocks built once per graph,
+      0.46-0.65x scipy's CSR time for psi at d = 16-128 and 100k-4M non-zeros: BENCHMARKS.md);
     * ``"bcoo"``: ``jax.experimental.sparse.BCOO @ x``.
 
     Rows must be non-decreasing (``"chunked"`` groups each row's entries by position and
@@ -363,12 +382,14 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
         chunk = MATMUL_CHUNK or max(256, MATMUL_CHUNK_BYTES // row_bytes)
     chunk = int(chunk)
     w = weights.astype(x.dtype)
-    rows, cols = indices[:, 0], indices[:, 1]
     nnz = w.shape[0]
+    if blocked is not None and (impl != "chunked" or nnz <= chunk):
+        indices, blocked = blocks_as_coo(indices), None  # a plain COO for the other products
     if impl == "bcoo":
         a = jsparse.BCOO((w, indices), shape=(num_rows, x.shape[0]), indices_sorted=True)
         return a @ x
     if impl == "segment_sum" or nnz <= chunk or num_rows == 0:
+        rows, cols = indices[:, 0], indices[:, 1]
         return jax.ops.segment_sum(w[:, None] * take_rows(x, cols), rows, num_segments=num_rows,
                                    indices_are_sorted=True)
     if blocked is not None:  # blocked_coo's layout: reshapes, no regrouping
@@ -377,22 +398,29 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
         per_chunk = min(1 << (max(1, chunk // block).bit_length() - 1), MAX_CHUNK_BLOCKS,
                         total)  # a power of two that divides total
         num_chunks = -(-used // per_chunk)
-        block_row = rows[::block].reshape(-1, per_chunk)
-        bcols, bw = (a.reshape(-1, per_chunk, block) for a in (cols, w))
+        blocks = indices.reshape(-1, per_chunk, 1 + block)
+
+        def chunk_blocks(i):  # (rows, columns) of the blocks of loop step i
+            return blocks[i, :, 0], blocks[i, :, 1:]
     else:
         block = MATMUL_BLOCK
         per_chunk = max(1, chunk // block)  # blocks per loop step
         bound = -(-(nnz + (block - 1) * min(num_rows, nnz)) // block)  # >= blocks in use
         num_chunks = -(-bound // per_chunk)
-        block_row, bcols, bw = (a.reshape(num_chunks, per_chunk, *a.shape[1:]) for a in
-                                _row_blocks(indices, w, num_rows, block, num_chunks * per_chunk))
+        block_row, bcols, w = (a.reshape(num_chunks, per_chunk, *a.shape[1:]) for a in
+                               _row_blocks(indices, w, num_rows, block, num_chunks * per_chunk))
+
+        def chunk_blocks(i):
+            return block_row[i], bcols[i]
+    bw = w.reshape(-1, per_chunk, block)
 
     def body(i, out):
-        c, v = bcols[i], bw[i]
-        acc = v[:, 0, None] * take_rows(x, c[:, 0])
+        rows, cols = chunk_blocks(i)
+        v = bw[i]
+        acc = v[:, 0, None] * take_rows(x, cols[:, 0])
         for j in range(1, block):  # one fused loop; a gather then a sum over j is ~10x slower
-            acc = acc + v[:, j, None] * take_rows(x, c[:, j])
-        return add_rows(out, block_row[i], acc)
+            acc = acc + v[:, j, None] * take_rows(x, cols[:, j])
+        return add_rows(out, rows, acc)
 
     # the first chunk seeds the carry, so it has the loop's type (also under shard_map)
     seed = body(0, jnp.zeros((num_rows, x.shape[1]), x.dtype))
@@ -417,8 +445,9 @@ def leaves_match(leaves: Sequence[Any], specs: Sequence[jax.ShapeDtypeStruct]) -
 
 class HostCOO:
     """The host (numpy) copy of a normalised graph: row-sorted COO, its fingerprint and tag,
-    and the COO the device leaves hold: the same, or ``blocked_coo``'s (``blocked``: then
-    ``self.blocked`` is ``(block, used blocks)`` for ``sparse_matmul``, else None).
+    and what the device leaves hold: the same COO, or ``blocked_coo``'s blocks and weights
+    (``blocked``: then ``self.blocked`` is ``(block, used blocks)`` for ``sparse_matmul``, else
+    None).
 
     Compared and hashed by fingerprint, so that it can sit in a pytree's static data.
     """
@@ -462,12 +491,13 @@ class HostCOO:
 class NormalizedGraph(GraphOperator):
     """``Ã = D^-1/2 A D^-1/2`` in row-sorted COO form on one device: the local operator.
 
-    Leaves: ``indices`` (slots, 2) int32 ``(row, col)``, ``weights`` (slots,) float32 and ``tag``
-    (int32 scalar, ``cache_tag(fingerprint)`` when intact): on CPU, where ``"chunked"`` is the
-    default product, the slots are ``blocked_coo``'s (the entries regrouped once, padded with
-    zero weights), elsewhere the ``nnz`` entries themselves. Static: the host copy (module
-    docstring). Build it with ``as_normalized_graph`` (raw adjacency) or ``from_scipy``
-    (already normalised).
+    Leaves: ``indices`` int32, ``weights`` (slots,) float32 and ``tag`` (int32 scalar,
+    ``cache_tag(fingerprint)`` when intact). On CPU, where ``"chunked"`` is the default
+    product, they are ``blocked_coo``'s (the entries regrouped once into blocks of one row,
+    padded with zero weights; ``indices`` (blocks, 1 + block): each block's row, then its
+    columns); elsewhere the ``nnz`` entries themselves (``indices`` (nnz, 2) ``(row, col)``).
+    Static: the host copy (module docstring). Build it with ``as_normalized_graph`` (raw
+    adjacency) or ``from_scipy`` (already normalised).
 
     Examples:
       >>> g = as_normalized_graph(np.array([[0.0, 1.0], [1.0, 0.0]]))

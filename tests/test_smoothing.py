@@ -140,7 +140,8 @@ def test_chunked_matmul_any_chunk_size(chunk):
     a = random_graph(rng, 12)
     g = sj.as_normalized_graph(a)
     x = rng.standard_normal((12, 3)).astype(np.float32)
-    got = sj.operator.sparse_matmul(g.indices, g.weights, jnp.asarray(x), 12, "chunked", chunk)
+    idx, w = jnp.asarray(g.host.indices), jnp.asarray(g.host.weights)  # the plain COO
+    got = sj.operator.sparse_matmul(idx, w, jnp.asarray(x), 12, "chunked", chunk)
     np.testing.assert_allclose(got, oracle.normalize(a) @ x, rtol=1e-5, atol=1e-6)
 
 
@@ -179,27 +180,33 @@ def test_chunked_matmul_power_law_every_width(d):
 def test_blocked_coo_is_the_same_matrix_in_whole_blocks(n, hub):
     """Host-side blocks (once per graph): the same matrix, every block in one row, a power of
     two (or a multiple of MAX_CHUNK_BLOCKS) of them; the chunked product reading them equals
-    scipy's at every chunk size and width, inf in x included."""
+    scipy's at every chunk size and width, inf in x included, and so do the other products
+    (which read them as a COO)."""
     rng = np.random.default_rng(n)
     a, idx, w = power_law_coo(rng, n=n, hub_degree=hub)
-    bi, bw, used = sj.operator.blocked_coo(np.asarray(idx), np.asarray(w), n)
+    blocks, bw, used = sj.operator.blocked_coo(np.asarray(idx), np.asarray(w), n)
     block = sj.operator.MATMUL_BLOCK
-    total = bw.size // block
-    assert bw.size % block == 0 and used <= total
+    total = blocks.shape[0]
+    assert blocks.shape == (total, 1 + block) and blocks.dtype == np.int32
+    assert bw.shape == (total * block,) and used <= total
     assert total & (total - 1) == 0 or total % sj.operator.MAX_CHUNK_BLOCKS == 0
-    assert (np.diff(bi[:, 0]) >= 0).all()  # still row-sorted
-    assert (bi[:, 0].reshape(total, block) == bi[::block, 0, None]).all()  # a block, a row
+    assert (np.diff(blocks[:, 0]) >= 0).all()  # still row-sorted
+    bi = np.asarray(sj.operator.blocks_as_coo(jnp.asarray(blocks)))
+    np.testing.assert_array_equal(bi[:, 0], np.repeat(blocks[:, 0], block))  # a block, a row
+    np.testing.assert_array_equal(bi[:, 1], blocks[:, 1:].ravel())
     same = sp.csr_matrix((bw, (bi[:, 0], bi[:, 1])), shape=(n, n))
     assert abs(same - a).max() == 0
     x = rng.standard_normal((n, 16)).astype(np.float32)
-    x[int(bi[-1, 1])] = np.inf  # the column the padding repeats
-    touched = np.asarray((a != 0)[:, int(bi[-1, 1])].todense()).ravel()
+    x[int(blocks[-1, -1])] = np.inf  # the column the padding repeats
+    touched = np.asarray((a != 0)[:, int(blocks[-1, -1])].todense()).ravel()
     x0 = np.where(np.isfinite(x), x, 0.0)
     want = a.astype(np.float64) @ x0
-    for d, chunk in [(16, 8), (16, 100), (16, None), (3, None), (128, 64)]:
+    cases = [(16, 8, "chunked"), (16, 100, "chunked"), (16, None, "chunked"),
+             (3, None, "chunked"), (128, 64, "chunked"), (16, None, "segment_sum")]
+    for d, chunk, impl in cases:
         y = x[:, :d]
-        got = np.asarray(sj.operator.sparse_matmul(jnp.asarray(bi), jnp.asarray(bw),
-                                                   jnp.asarray(y), n, "chunked", chunk,
+        got = np.asarray(sj.operator.sparse_matmul(jnp.asarray(blocks), jnp.asarray(bw),
+                                                   jnp.asarray(y), n, impl, chunk,
                                                    blocked=(block, used)))
         assert not np.isfinite(got[touched]).any()
         np.testing.assert_allclose(got[~touched], want[~touched, :d], rtol=2e-6,
@@ -210,7 +217,9 @@ def test_normalized_graph_on_cpu_holds_blocks():
     rng = np.random.default_rng(3)
     a = random_graph(rng, 40)
     g = sj.as_normalized_graph(a)
-    assert g.host.blocked is not None and g.weights.shape[0] % sj.operator.MATMUL_BLOCK == 0
+    block = sj.operator.MATMUL_BLOCK
+    assert g.host.blocked is not None and g.weights.shape[0] % block == 0
+    assert g.indices.shape == (g.weights.shape[0] // block, 1 + block)
     assert g.nnz == sp.csr_matrix(a).nnz
     np.testing.assert_allclose(g.to_scipy().toarray(), oracle.normalize(a), rtol=1e-6)
     x = rng.standard_normal((40, 5)).astype(np.float32)
