@@ -354,8 +354,9 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
       slots at a time, sums each block's scaled rows ``x[col]`` in registers
       (``MATMUL_BLOCK`` gathers and multiply-adds, one fused loop) and scatter-adds the block
       sums into their rows, so the (nnz, d) message buffer never exists and the scatter sees
-      one update per block, not per non-zero (with the blocks built once per graph,
-      0.46-0.65x scipy's CSR time for psi at d = 16-128 and 100k-4M non-zeros: BENCHMARKS.md);
+      one update per block, not per non-zero (with the blocks built once per graph, psi
+      at 0.45-0.75x scipy's and 0.55-0.87x torch's CSR time at d = 16-128 and 100k-20M
+      non-zeros: BENCHMARKS.md);
     * ``"bcoo"``: ``jax.experimental.sparse.BCOO @ x``.
 
     Rows must be non-decreasing (``"chunked"`` groups each row's entries by position and
