@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import _util, graphs  # noqa: E402
 from sevo_jax import graph as graph_lib  # noqa: E402
-from sevo_jax.operator import NormalizedGraph  # noqa: E402
+from sevo_jax.operator import NormalizedGraph, blocks_as_coo  # noqa: E402
 from sevo_jax.psi import psi_recursion  # noqa: E402
 
 BETA, APPROX = 0.99, "neumann"
@@ -62,8 +62,10 @@ def jax_variants(a_norm, x_np, L):
 
     def bf16_matmul(graph):
         def matmul(y):
-            gathered = y.astype(jnp.bfloat16)[graph.indices[:, 1]].astype(jnp.float32)
-            return jax.ops.segment_sum(graph.weights[:, None] * gathered, graph.indices[:, 0],
+            # (row, col) pairs; on CPU (the smoke run) the leaves are blocked_coo's blocks
+            idx = blocks_as_coo(graph.indices) if graph.host.blocked else graph.indices
+            gathered = y.astype(jnp.bfloat16)[idx[:, 1]].astype(jnp.float32)
+            return jax.ops.segment_sum(graph.weights[:, None] * gathered, idx[:, 0],
                                        num_segments=graph.num_nodes, indices_are_sorted=True)
         return matmul
 
