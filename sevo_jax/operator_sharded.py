@@ -18,7 +18,9 @@ an out-of-range row (dropped by the scatter) and stacks them into arrays of shap
 at zero and are sliced off, so they never leak into real rows. One product is an
 ``all_gather`` of the (n_local, d) local signal into the full (P * n_local, d) one (the only
 communication), then the local ``sparse_matmul`` into the local rows. Memory per device: its
-edge block plus one gathered (P * n_local, d) signal at a time.
+edge block plus one gathered (P * n_local, d) signal at a time. On CPU each device's edges are
+regrouped once, on the host, into the blocks the local ``"chunked"`` product reads (as
+``NormalizedGraph`` does).
 
 Output sharding. A table whose row count is a multiple of ``P`` comes back
 ``NamedSharding(mesh, P(axis_name, None))``, like the input. Other tables work (padded inside,
@@ -49,10 +51,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PSpec
 
 from sevo_jax.operator import (
+    MATMUL_BLOCK,
     GraphOperator,
     RowwiseFn,
+    blocked_coo,
     cache_tag,
     check_fingerprint,
+    default_matmul_impl,
     fingerprint_arrays,
     leaves_match,
     normalized_scipy,
@@ -123,14 +128,18 @@ class HostBlocks:
     """
 
     def __init__(self, indices: np.ndarray, weights: np.ndarray, segments: Sequence[int],
-                 mesh: Mesh, axis_name: str, nnz: int):
+                 mesh: Mesh, axis_name: str, nnz: int, edges_per_shard: int,
+                 blocked: tuple[int, int] | None = None):
         self.indices = indices
         self.weights = weights
         self.segments = tuple(int(s) for s in segments)
         self.mesh = mesh
         self.axis_name = axis_name
         self.nnz = int(nnz)
-        self.fingerprint = fingerprint_arrays(indices, weights, extra=f"blocks{self.segments}")
+        self.edges_per_shard = int(edges_per_shard)
+        self.blocked = blocked  # (block, used blocks) for sparse_matmul, or None: a plain COO
+        self.fingerprint = fingerprint_arrays(indices, weights,
+                                              extra=f"blocks{self.segments}{blocked}")
         self.tag = cache_tag(self.fingerprint)
         self.tags = np.full((indices.shape[0],), self.tag, np.int32)
         # per device, one stored weight of largest magnitude, checked beside its tag (as
@@ -174,9 +183,13 @@ class ShardedGraph(GraphOperator):
     Leaves, all sharded ``NamedSharding(mesh, P(axis))`` on their leading axis of size ``P``:
     ``indices`` (P, E_max, 2) int32 ``(local row, column in the device-major gathered
     signal)``, ``weights`` (P, E_max) float32 and ``tag`` (P,) int32. Padding edges have
-    weight 0 and local row ``n_local`` (out of range, dropped). Static: the host copy, with
-    ``segments`` (row counts of the tables stacked on it; ``num_nodes`` is their sum),
-    ``mesh``, ``axis_name`` and ``nnz`` (real edges). Build it with ``shard_graph``.
+    weight 0 and local row ``n_local`` (out of range, dropped). On CPU, where ``"chunked"``
+    is the default product, each device's edges are held as ``NormalizedGraph`` holds them
+    there, ``blocked_coo``'s blocks: ``indices`` (P, T, 1 + block) and ``weights``
+    (P, T * block), padded to one ``T`` with weight-0 blocks aimed at row ``n_local``.
+    Static: the host copy, with ``segments`` (row counts of the tables stacked on it;
+    ``num_nodes`` is their sum), ``mesh``, ``axis_name``, ``nnz`` (real edges) and
+    ``edges_per_shard``. Build it with ``shard_graph``.
 
     Examples:
       >>> mesh = jax.make_mesh((1,), ("x",))
@@ -221,8 +234,8 @@ class ShardedGraph(GraphOperator):
 
     @property
     def edges_per_shard(self) -> int:
-        """``E_max``: the padded length of every device's edge list."""
-        return int(self.host.weights.shape[1])
+        """``E_max``: the most edges any device holds (its leaves may pad them further)."""
+        return self.host.edges_per_shard
 
     def __repr__(self) -> str:
         return (
@@ -284,7 +297,7 @@ class ShardedGraph(GraphOperator):
 
             def matmul(y):
                 full = jax.lax.all_gather(y, axis, tiled=True)
-                return sparse_matmul(idx, w, full, n_local, impl)
+                return sparse_matmul(idx, w, full, n_local, impl, blocked=self.host.blocked)
 
             y = fn(matmul, x, *extra)
             return tuple(jnp.split(y, splits)) if len(blocks) > 1 else (y,)
@@ -478,5 +491,28 @@ def shard_normalized(
     idx[..., 0], idx[..., 1] = n_local, 0  # padding: out-of-range row, weight 0
     w = np.zeros((num_shards, e_max), np.float32)
     idx[device, slot, 0], idx[device, slot, 1], w[device, slot] = local_row, cols, data
-    host = HostBlocks(idx, w, segments, mesh, axis_name, int(data.size))
+    blocked = None
+    if default_matmul_impl() == "chunked" and data.size:
+        idx, w, blocked = _block_every_device(idx, w, counts, n_local)
+    host = HostBlocks(idx, w, segments, mesh, axis_name, int(data.size), e_max, blocked)
     return ShardedGraph(host, None, None, None).fresh()
+
+
+def _block_every_device(indices: np.ndarray, weights: np.ndarray, counts: np.ndarray,
+                        n_local: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Every device's edge list (its first ``counts[k]`` slots) as ``blocked_coo``'s blocks, as
+    ``NormalizedGraph`` holds them on CPU, padded to one block count ``T`` (the largest: a power
+    of two or a multiple of ``MAX_CHUNK_BLOCKS``, so every device's chunks divide it) with
+    weight-0 blocks aimed at row ``n_local`` (out of range: dropped). Returns the stacked
+    ``(P, T, 1 + block)`` blocks, ``(P, T * block)`` weights and ``(block, most used blocks)``.
+    """
+    per_device = [blocked_coo(indices[k, :c], weights[k, :c], n_local)
+                  for k, c in enumerate(counts.tolist())]
+    total = max(b.shape[0] for b, _, _ in per_device)
+    used = max(u for _, _, u in per_device)
+    blocks = np.zeros((len(per_device), total, 1 + MATMUL_BLOCK), np.int32)
+    blocks[:, :, 0] = n_local
+    out_weights = np.zeros((len(per_device), total * MATMUL_BLOCK), np.float32)
+    for k, (b, bw, _) in enumerate(per_device):
+        blocks[k, : b.shape[0]], out_weights[k, : bw.size] = b, bw
+    return blocks, out_weights, (MATMUL_BLOCK, used)

@@ -85,12 +85,37 @@ def check_psi_every_approx():
     x = jnp.asarray(np.random.default_rng(n).standard_normal((n, 3)), jnp.float32)
     cases = [("segment_sum", 0.9, 3), ("segment_sum", 0.99, 2), ("segment_sum", 0.5, 0)]
     cases += [("bcoo", 0.9, 3), ("chunked", 0.9, 3), ("chunked", 0.99, 2)]
+    # on CPU every device holds blocked_coo's blocks of its edges, as NormalizedGraph does
+    assert g.host.blocked is not None and g.indices.shape[2] == 1 + sj.operator.MATMUL_BLOCK
     sj.operator.MATMUL_CHUNK = 5  # several chunks per device even on this small graph
     for approx in sj.APPROXIMATIONS:
         for impl, beta, num_layers in cases:
             got = _psi_jit(beta, num_layers, approx, impl)(g, x)
             ref = sj.propagate(ng, x, beta, num_layers, approx)
             _close(got, ref, msg=f"{impl=} {approx=} {beta=} {num_layers=}")
+
+
+def check_devices_without_edges():
+    """Devices whose rows have no edges (and a graph whose edges all sit on one device) give
+    the unsharded product, for the blocked layout and the COO products that read it."""
+    jax, np, graph = _setup()
+    import jax.numpy as jnp
+
+    import sevo_jax as sj
+    from sevo_jax import operator_sharded as osh
+
+    mesh = _mesh()
+    n = 40  # five rows per device
+    one_device = np.zeros((n, n))
+    one_device[10, 11] = one_device[11, 10] = 2.0
+    one_device[12, 10] = one_device[10, 12] = 1.0
+    for a in (graph(n, seed=3, isolated=range(5, 15)), one_device):
+        g = osh.shard_graph(a, mesh, "x")
+        x = jnp.asarray(np.random.default_rng(4).standard_normal((n, 16)), jnp.float32)
+        ref = sj.as_normalized_graph(a).matmul(x, impl="segment_sum")
+        for impl in ("chunked", "segment_sum", "bcoo"):
+            _close(jax.jit(lambda g, x, impl=impl: g.matmul(x, impl))(g, x), ref,
+                   msg=f"{impl=}")
 
 
 def check_update_is_row_sharded():
