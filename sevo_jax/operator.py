@@ -256,8 +256,9 @@ def blocked_coo(indices: np.ndarray, weights: np.ndarray, num_rows: int,
     entry with weight 0), so that any power-of-two number of blocks per loop step up to that
     divides it. Padding only repeats entries with weight 0: a non-finite ``x[col]`` reaches no
     row that lacks ``col``. A block's row and columns sit side by side because the product
-    reads them together: two separate COO columns cost psi 1.2-1.6x the time at d = 16
-    (BENCHMARKS.md).
+    reads them together: from the interleaved ``(slots, 2)`` COO this layout replaced, XLA
+    copied the columns out before every product (psi 1.3-1.6x the time at d = 16:
+    BENCHMARKS.md).
 
     Examples:
       >>> idx = np.array([[0, 1], [1, 0], [1, 1]], np.int32)
