@@ -60,6 +60,7 @@ __all__ = [
     "cache_tag",
     "check_fingerprint",
     "check_impl",
+    "check_layout",
     "default_matmul_impl",
     "fingerprint_arrays",
     "leaves_match",
@@ -337,6 +338,44 @@ def add_rows(out: jax.Array, rows: jax.Array, updates: jax.Array) -> jax.Array:
                            mode=lax.GatherScatterMode.FILL_OR_DROP)
 
 
+def check_layout(indices_shape: Sequence[int], weights_shape: Sequence[int],
+                 blocked: tuple[int, int] | None) -> None:
+    """Raise ``ValueError`` unless ``indices`` and ``weights`` have the shapes ``sparse_matmul``
+    reads: ``(nnz, 2)`` and ``(nnz,)`` (a COO), or with ``blocked=(block, used)``
+    ``blocked_coo``'s ``(total, 1 + block)`` and ``(total * block,)``. A COO read as blocks, or
+    blocks read as a COO, would give wrong sums, not an error.
+
+    Examples:
+      >>> check_layout((6, 2), (6,), None)
+      >>> check_layout((2, 9), (16,), (8, 2))
+      >>> check_layout((2, 9), (16,), None)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: indices (2, 9) with 16 weights are blocked_coo's blocks: pass blocked=(8, ...
+    """
+    indices_shape, weights_shape = tuple(indices_shape), tuple(weights_shape)
+    if blocked is None:
+        if len(indices_shape) == 2 and indices_shape[1] > 2 and len(weights_shape) == 1 \
+                and weights_shape[0] == indices_shape[0] * (indices_shape[1] - 1):
+            raise ValueError(
+                f"indices {indices_shape} with {weights_shape[0]} weights are blocked_coo's "
+                f"blocks: pass blocked=({indices_shape[1] - 1}, used blocks), as "
+                "NormalizedGraph.matmul does with its host.blocked")
+        if (len(indices_shape) != 2 or indices_shape[1] != 2 or len(weights_shape) != 1
+                or weights_shape[0] != indices_shape[0]):
+            raise ValueError(
+                f"a COO needs indices of shape (nnz, 2) and weights of shape (nnz,), got "
+                f"{indices_shape} and {weights_shape}")
+        return
+    block = blocked[0]
+    if (len(indices_shape) != 2 or indices_shape[1] != 1 + block or len(weights_shape) != 1
+            or weights_shape[0] != indices_shape[0] * block):
+        raise ValueError(
+            f"blocked={tuple(blocked)} needs blocked_coo's blocks, indices of shape "
+            f"(total, {1 + block}) and weights of shape (total * {block},), got "
+            f"{indices_shape} and {weights_shape}")
+
+
 def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows: int,
                   impl: str | None = None, chunk: int | None = None,
                   blocked: tuple[int, int] | None = None) -> jax.Array:
@@ -385,6 +424,7 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
     chunk = int(chunk)
     w = weights.astype(x.dtype)
     nnz = w.shape[0]
+    check_layout(indices.shape, w.shape, blocked)
     if blocked is not None and (impl != "chunked" or nnz <= chunk):
         indices, blocked = blocks_as_coo(indices), None  # a plain COO for the other products
     if impl == "bcoo":

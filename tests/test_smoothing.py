@@ -227,6 +227,24 @@ def test_normalized_graph_on_cpu_holds_blocks():
         np.testing.assert_allclose(g.matmul(jnp.asarray(x), impl=impl), oracle.normalize(a) @ x,
                                    rtol=1e-5, atol=1e-6)
 
+def test_sparse_matmul_refuses_a_layout_it_would_misread():
+    """Blocks read as a COO (or a COO as blocks) would give wrong sums: a one-line error."""
+    rng = np.random.default_rng(5)
+    g = sj.as_normalized_graph(random_graph(rng, 30))
+    x = jnp.ones((30, 4))
+    block = sj.operator.MATMUL_BLOCK
+    with pytest.raises(ValueError, match=rf"blocked_coo's blocks: pass blocked=\({block}, "):
+        sj.operator.sparse_matmul(g.indices, g.weights, x, 30, "chunked")
+    coo, w = jnp.asarray(g.host.indices), jnp.asarray(g.host.weights)
+    with pytest.raises(ValueError, match="needs blocked_coo's blocks"):
+        sj.operator.sparse_matmul(coo, w, x, 30, "chunked", blocked=g.host.blocked)
+    with pytest.raises(ValueError, match=r"a COO needs indices of shape \(nnz, 2\)"):
+        sj.operator.sparse_matmul(coo, w[:-1], x, 30, "segment_sum")
+    np.testing.assert_allclose(  # the right pairings agree
+        sj.operator.sparse_matmul(g.indices, g.weights, x, 30, blocked=g.host.blocked),
+        sj.operator.sparse_matmul(coo, w, x, 30), rtol=1e-6)
+
+
 def test_chunked_matmul_drops_out_of_range_rows():
     """Entries with row >= num_rows (sharding's padding, sorted last) change nothing."""
     rng = np.random.default_rng(1)
