@@ -441,6 +441,7 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
                         total)  # a power of two that divides total
         num_chunks = -(-used // per_chunk)
         blocks = indices.reshape(-1, per_chunk, 1 + block)
+        bw = w.reshape(-1, per_chunk, block)
 
         def chunk_blocks(i):  # (rows, columns) of the blocks of loop step i
             return blocks[i, :, 0], blocks[i, :, 1:]
@@ -449,12 +450,11 @@ def sparse_matmul(indices: jax.Array, weights: jax.Array, x: jax.Array, num_rows
         per_chunk = max(1, chunk // block)  # blocks per loop step
         bound = -(-(nnz + (block - 1) * min(num_rows, nnz)) // block)  # >= blocks in use
         num_chunks = -(-bound // per_chunk)
-        block_row, bcols, w = (a.reshape(num_chunks, per_chunk, *a.shape[1:]) for a in
-                               _row_blocks(indices, w, num_rows, block, num_chunks * per_chunk))
+        block_row, bcols, bw = (a.reshape(num_chunks, per_chunk, *a.shape[1:]) for a in
+                                _row_blocks(indices, w, num_rows, block, num_chunks * per_chunk))
 
         def chunk_blocks(i):
             return block_row[i], bcols[i]
-    bw = w.reshape(-1, per_chunk, block)
 
     def body(i, out):
         rows, cols = chunk_blocks(i)
