@@ -16,7 +16,8 @@ Two masks, not to be confused:
 Every numeric argument is an array-like, so ``optax.inject_hyperparams`` can schedule
 ``learning_rate``, ``beta``, ``num_layers``, ``b1``, ``b2``, ``eps`` and ``weight_decay``.
 Two cautions there, as for any Optax alias: Optax takes every callable argument for a schedule,
-so name a callable ``mask``/``decay_mask`` (and ``mesh``) in ``static_args``; and it casts the
+so name a callable ``mask``/``decay_mask`` (and ``mesh``) in ``static_args`` (else it comes back
+as one bool, which these functions refuse: ``transform.check_mask_argument``); and it casts the
 injected floats to the params' dtype, so with bfloat16 params pass
 ``hyperparam_dtype=jnp.float32`` (``beta`` 0.99 in bfloat16 is 0.98828: ``1 - beta`` 17% off).
 """
@@ -31,7 +32,14 @@ import jax.numpy as jnp
 import numpy as np  # noqa: F401  (the Examples use it)
 import optax
 
-from sevo_jax.transform import MaskOrFn, has_leaves, mask_flags, mask_tree, sevo_smooth
+from sevo_jax.transform import (
+    MaskOrFn,
+    check_mask_argument,
+    has_leaves,
+    mask_flags,
+    mask_tree,
+    sevo_smooth,
+)
 
 __all__ = [
     "ScaleByAdamCorrectedState",
@@ -108,6 +116,7 @@ def scale_by_adam_corrected(
       >>> np.asarray(u["emb"], float).round(4).tolist()  # absent row 0 keeps its moments' direction
       [[1.0], [1.0]]
     """
+    check_mask_argument("mask", mask)
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
@@ -172,6 +181,7 @@ def adamw_corrected(
       >>> round(float(u["emb"][0, 0]), 6), abs(float(u["bias"][0]))   # decay on the table only
       (-0.05, 0.0)
     """
+    check_mask_argument("decay_mask", decay_mask)
     return optax.chain(
         scale_by_adam_corrected(b1, b2, eps, mask=mask, mu_dtype=mu_dtype),
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
@@ -220,6 +230,7 @@ def sevo_adamw(
       >>> np.asarray(u["emb"], float).round(4).tolist()
       [[-0.1], [-0.0]]
     """
+    check_mask_argument("decay_mask", decay_mask)
     return optax.chain(
         scale_by_adam_corrected(b1, b2, eps, mask=mask, mu_dtype=mu_dtype),
         sevo_smooth(
@@ -260,6 +271,7 @@ def sevo_adam(
       >>> np.asarray(u["emb"], float).round(4).tolist()
       [[-0.1], [0.1]]
     """
+    check_mask_argument("decay_mask", decay_mask)
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype),
@@ -297,6 +309,7 @@ def sevo_sgd(
       >>> np.asarray(u["emb"], float).round(4).tolist()
       [[-2.0], [-1.0]]
     """
+    check_mask_argument("decay_mask", decay_mask)
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
         (optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None

@@ -33,6 +33,7 @@ from sevo_jax.psi import check_hyperparameters, is_concrete, propagate
 __all__ = [
     "MaskOrFn",
     "SEvoSmoothState",
+    "check_mask_argument",
     "check_selection",
     "has_leaves",
     "mask_flags",
@@ -62,6 +63,33 @@ def has_leaves(tree: Any) -> bool:
       (True, False)
     """
     return bool(jax.tree_util.tree_leaves(tree))
+
+
+def check_mask_argument(name: str, mask: Any) -> None:
+    """Raise ``TypeError`` on a mask argument that is one bool or one array.
+
+    A mask is a pytree of bools over the params (or a prefix of it), a callable returning one,
+    or None. Optax reads a lone bool as a prefix for every leaf, but here a lone bool is what
+    ``optax.inject_hyperparams`` makes of a callable mask: it takes every callable for a
+    schedule and calls it with the step count, so ``lambda p: jax.tree.map(..., p)`` returns one
+    bool for the count and silently selects every leaf or none. None selects every leaf;
+    ``weight_decay=0`` or an all-False pytree, none.
+
+    Examples:
+      >>> check_mask_argument("decay_mask", {"emb": True, "bias": False})
+      >>> check_mask_argument("decay_mask", False)
+      Traceback (most recent call last):
+      ...
+      TypeError: decay_mask is one bool (False), not a pytree of bools or a callable: under optax.inject_hyperparams a callable decay_mask is called with the step count (a schedule), so name it in static_args, e.g. inject_hyperparams(sevo_adamw, static_args=('decay_mask',)); for every leaf pass None
+    """  # noqa: E501
+    if isinstance(mask, (bool, np.bool_, np.ndarray, jax.Array)):
+        kind = "bool" if isinstance(mask, (bool, np.bool_)) or mask.dtype == bool else "array"
+        shown = mask if isinstance(mask, (bool, np.bool_)) else f"shape {np.shape(mask)}"
+        raise TypeError(
+            f"{name} is one {kind} ({shown}), not a pytree of bools or a callable: under "
+            f"optax.inject_hyperparams a callable {name} is called with the step count (a "
+            f"schedule), so name it in static_args, e.g. inject_hyperparams(sevo_adamw, "
+            f"static_args=('{name}',)); for every leaf pass None")
 
 
 def mask_flags(mask: MaskOrFn, tree: Any) -> list[bool]:
@@ -216,6 +244,7 @@ def sevo_smooth(
     """
     check_hyperparameters(beta, num_layers, approx)
     check_impl(impl)
+    check_mask_argument("mask", mask)
     if mesh is not None or axis_name is not None or isinstance(adjacency, ShardedGraph):
         num_nodes, make_graph = sharded_graph_factory(adjacency, mesh, axis_name)
     else:

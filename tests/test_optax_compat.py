@@ -509,10 +509,41 @@ def test_callable_mask_under_inject_hyperparams_names_static_args():
     select = sj.select_tables("item_embedding")
     with pytest.raises(TypeError, match="static_args"):
         optax.inject_hyperparams(sj.sevo_adamw)(LR, A, mask=select).init(params)
-    with pytest.raises(ValueError, match="static_args"):  # any other callable: a hint
+    with pytest.raises(TypeError, match="static_args"):  # any other callable: one bool
         optax.inject_hyperparams(sj.sevo_adamw)(
             LR, A, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2 and x.shape[0] == N, p)).init(params)
     ok = optax.inject_hyperparams(sj.sevo_adamw, static_args=("mask",))(LR, A, mask=select)
     grads = jax.tree.map(jnp.ones_like, params)
     close(first_update(ok, params, grads), first_update(sj.sevo_adamw(LR, A, mask=select), params,
                                                         grads))  # traced beta: float32 rounding
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: sj.sevo_adamw(LR, A, **kw), lambda **kw: sj.sevo_adam(LR, A, **kw),
+    lambda **kw: sj.sevo_sgd(LR, A, **kw), lambda **kw: sj.adamw_corrected(LR, **kw)],
+    ids=["sevo_adamw", "sevo_adam", "sevo_sgd", "adamw_corrected"])
+def test_a_callable_decay_mask_under_inject_hyperparams_is_refused_not_ignored(make):
+    """inject_hyperparams calls a callable decay_mask with the step count, which returns one
+    bool: before, that silently decayed no leaf (or every leaf). Now a one-line TypeError."""
+    params = {"emb": jnp.ones((N, D)), "w": jnp.ones((D, 2))}
+    matrices = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
+    with pytest.raises(TypeError, match=r"decay_mask is one bool \(False\).*static_args"):
+        optax.inject_hyperparams(lambda decay_mask: make(mask=MASK, decay_mask=decay_mask))(
+            decay_mask=matrices).init(params)
+    for lone in (True, np.bool_(False), jnp.array(True)):
+        with pytest.raises(TypeError, match="decay_mask is one bool"):
+            make(mask=MASK, decay_mask=lone)
+    grads = jax.tree.map(jnp.ones_like, params)
+    named = optax.inject_hyperparams(lambda decay_mask: make(mask=MASK, decay_mask=decay_mask),
+                                     static_args=("decay_mask",))(decay_mask=matrices)
+    close(first_update(named, params, grads),
+          first_update(make(mask=MASK, decay_mask=matrices), params, grads))
+
+
+def test_a_lone_bool_mask_is_refused():
+    params = {"emb": jnp.ones((N, D))}
+    for make in (lambda m: sj.sevo_smooth(A, mask=m), lambda m: sj.scale_by_adam_corrected(mask=m),
+                 lambda m: sj.adamw_corrected(LR, mask=m)):
+        with pytest.raises(TypeError, match=r"mask is one bool \(True\)"):
+            make(True).init(params)
+        make({"emb": True}).init(params)
