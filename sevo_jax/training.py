@@ -1210,16 +1210,24 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
 
     The lock is ``flock`` on ``out/LOCK_FILE``: the OS releases it when the process dies,
     so a crashed run never leaves the folder locked. A run that fails before writing anything
-    removes the folder if it created it.
+    removes the folder, and the parent folders, that it created.
     """
-    created = not out.exists()
+    made = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
+    created = bool(made)
+
+    def remove_made_parents() -> None:  # only those still empty
+        for folder in made[1:]:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:  # a file in the way, no permission, a read-only disk
-        if created:  # the folder made just now, if any, holds nothing: leave no trace
+        if created:  # the folders made just now, if any, hold nothing: leave no trace
             with contextlib.suppress(OSError):
                 out.rmdir()
+            remove_made_parents()
         what = "is a file, not a folder" if out.is_file() else f"cannot be written ({e.strerror})"
         raise ConfigError("out", f"{out} {what}; choose another run folder") from None
     try:
@@ -1268,6 +1276,7 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
                 with contextlib.suppress(OSError):
                     (out / LOCK_FILE).unlink()
                     out.rmdir()
+                    remove_made_parents()
         raise
     finally:  # otherwise the lock file stays: deleting it could let two runs lock two files
         os.close(fd)

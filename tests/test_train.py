@@ -259,6 +259,13 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_folder_reusable
     base = ["--data", tiny_csv, "--epochs", "1", *TINY]
     _fails(capsys, base + ["--lr", "1e30", "--out", tmp_path / "new"], "nan")
     assert not (tmp_path / "new").exists()  # created by the run: removed
+    (tmp_path / "runs").mkdir()
+    _fails(capsys, base + ["--lr", "1e30", "--out", tmp_path / "runs" / "a" / "b"], "nan")
+    assert os.listdir(tmp_path / "runs") == []  # and the parent folders it made for it
+    (tmp_path / "runs" / "a").mkdir()
+    (tmp_path / "runs" / "a" / "keep").write_text("x")  # not empty: kept
+    _fails(capsys, base + ["--lr", "1e30", "--out", tmp_path / "runs" / "a" / "b" / "c"], "nan")
+    assert sorted(os.listdir(tmp_path / "runs" / "a")) == ["keep"]
     (tmp_path / "old").mkdir()
     _fails(capsys, base + ["--lr", "1e30", "--out", tmp_path / "old"], "nan")
     assert _run(capsys, *base, "--out", tmp_path / "old")[0] == 0  # an empty checkpoints/: no run
