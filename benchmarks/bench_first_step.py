@@ -1,7 +1,7 @@
 """Issue 14: the first training step's time (and where it goes) and evaluation compiles.
 
-Three parts, each in this process pinned to one core (``--cpu``), SASRec on Beauty (or a tiny
-synthetic set with ``--smoke``):
+Three parts, each in this process pinned to one core (``--cpu``), SASRec (or ``--model``) on
+Beauty (or a tiny synthetic set with ``--smoke``):
 
 * ``eval``: a validation plus a test pass of full-ranking evaluation, three ways, each with a
   FRESH jitted scorer: the seen-items list padded per batch to the batch's own power of two
@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--beauty", default=os.path.join(os.path.dirname(HERE), "..", "shared", "data",
                                                     "amazon-beauty", "Beauty.txt"))
     p.add_argument("--parts", default="eval,step,cache")
+    p.add_argument("--model", default="sasrec", help="the model (training.TrainConfig.model)")
     p.add_argument("--optimizers", default="adamw,sevo-adamw")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--options", default=None,
@@ -91,11 +92,11 @@ def setup(args, optimizer="adamw"):
 
     if args.smoke:
         ds = data_lib.synthetic(num_users=300, num_items=400, seq_len=(3, 80), seed=0)
-        cfg = training.TrainConfig(model="sasrec", optimizer=optimizer, maxlen=20, features=16,
+        cfg = training.TrainConfig(model=args.model, optimizer=optimizer, maxlen=20, features=16,
                                    batch_size=64, eval_batch_size=8, progress=False)
     else:
         ds = _util.load_data(args.beauty, "seqtxt")
-        cfg = training.TrainConfig(model="sasrec", data=args.beauty, format="seqtxt",
+        cfg = training.TrainConfig(model=args.model, data=args.beauty, format="seqtxt",
                                    optimizer=optimizer, progress=False)
     return ds, cfg.resolved()
 
@@ -283,7 +284,8 @@ def cache_part(args) -> dict:
         for optimizer in args.optimizers.split(","):
             for name, where in runs:
                 argv = [sys.executable, __file__, "--first-step-child", where, "--optimizers",
-                        optimizer, "--beauty", args.beauty, "--cpu", str(args.cpu)]
+                        optimizer, "--beauty", args.beauty, "--cpu", str(args.cpu),
+                        "--model", args.model]
                 argv += ["--smoke"] if args.smoke else []
                 done = subprocess.run(argv, capture_output=True, text=True, check=False)
                 if done.returncode:
@@ -316,7 +318,7 @@ def report(info, out) -> str:
         for optimizer, r in out["step"].items():
             b = r["breakdown"]
             total = sum(v[1] for v in b.values())
-            parts.append(f"First step, SASRec {optimizer}: " + ", ".join(
+            parts.append(f"First step, {out['model']} {optimizer}: " + ", ".join(
                 f"{k} {v[0]:.2f} s wall / {v[1]:.2f} s CPU" for k, v in b.items())
                 + f"; CPU total {total:.2f} s")
             base = r["options"]["default"]
@@ -355,6 +357,7 @@ def main(argv=None) -> None:
     if "cache" in parts:
         out["cache"] = cache_part(args)
     info = _util.machine_info()
+    out["model"] = args.model
     _util.write_json(args.json, {"machine": info, **out})
     print(report(info, out))
 
