@@ -26,9 +26,10 @@ graph.
 Restoring reads every array straight into the template's shardings, so a checkpoint written
 under ``--mesh data=8`` restores under ``--mesh data=4`` or unsharded. Sharded runs pad the
 row-sharded tables (and their optimizer state) with zero rows up to a multiple of the mesh
-size; such a table is read into the template's row count, dropping or appending padding rows
-(Orbax's ``strict=False``; padding rows stay exactly zero in training, see
-``sevo_jax.training``); any other difference of shape is refused.
+size; such a table (an array of two or more dimensions) is read into the template's row count,
+dropping or appending padding rows (Orbax's ``strict=False``; padding rows stay exactly zero in
+training, see ``sevo_jax.training``); any other difference of shape, and any difference of
+dtype, is refused.
 
 Fault injection: ``fault_hook(stage, epoch)`` (module attribute) and the environment variable
 ``SEVO_JAX_CHECKPOINT_FAULT=STAGE@EPOCH[,STAGE@EPOCH...]`` (which SIGKILLs the process there)
@@ -320,6 +321,9 @@ class RunCheckpoints:
         epoch = self.latest_epoch() if epoch is None else epoch
         if epoch is None:
             raise ValueError(f"no checkpoint in {self.directory}")
+        if epoch not in self.all_epochs():
+            raise ValueError(f"no checkpoint of epoch {epoch} in {self.directory} (it holds "
+                             f"epochs {self.all_epochs()})")
         path = self.step_path(epoch)
         meta = self.read_meta(epoch)
         stripped = without_graphs(template)
@@ -334,7 +338,8 @@ class RunCheckpoints:
         return with_graphs(restored, template), meta
 
     def _check_shapes(self, epoch: int, target: Any) -> None:
-        """Only the leading (row) dimension may differ: mesh padding rows of a table."""
+        """The template's arrays match the step's in dtype and shape, except the leading (row)
+        dimension of arrays of two or more dimensions: mesh padding rows of a table."""
         path = self.step_path(epoch)
         try:
             saved_tree = self.manager.item_metadata(epoch)["state"].tree
@@ -342,16 +347,23 @@ class RunCheckpoints:
             raise ValueError(f"checkpoint {path} is corrupt: it has no array metadata") from e
         except Exception as e:
             raise ValueError(f"checkpoint {path} is unreadable: {_one_line(e)}") from e
-        saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(saved_tree)
-                 if hasattr(leaf, "shape")}
+        saved = {leaf.name: (tuple(leaf.shape), np.dtype(leaf.dtype))
+                 for leaf in jax.tree_util.tree_leaves(saved_tree) if hasattr(leaf, "shape")}
         for key_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-            name, shape = _leaf_name(key_path), tuple(np.shape(leaf))
+            name = _leaf_name(key_path)
+            if not isinstance(leaf, jax.Array):
+                raise TypeError(f"the restore template's {name} is a {type(leaf).__name__}, not a "
+                                "jax.Array (restore reads into its shape, dtype and sharding)")
+            shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
             if name not in saved:
                 raise ValueError(f"checkpoint {path} lacks the array {name} that this run has")
-            old = saved[name]
-            if old != shape and (len(old) != len(shape) or old[1:] != shape[1:]):
+            old, old_dtype = saved[name]
+            if old != shape and (len(old) != len(shape) or len(old) < 2 or old[1:] != shape[1:]):
                 raise ValueError(f"checkpoint {path}: array {name} has shape {old}, this run "
                                  f"expects {shape}")
+            if old_dtype != dtype:
+                raise ValueError(f"checkpoint {path}: array {name} is {old_dtype}, this run "
+                                 f"expects {dtype}")
 
     def close(self) -> None:
         self.manager.close()

@@ -166,6 +166,40 @@ def test_keeps_the_latest_and_the_best(tmp_path, small_ds):
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["6"]
 
 
+def test_restore_refuses_a_template_it_would_cast_or_cut(tmp_path):
+    """Only a table's row count may differ (mesh padding); a vector's length, a dtype, a
+    non-array leaf or a missing epoch are one-line errors, not a silent cut or cast."""
+    import jax.numpy as jnp
+
+    from sevo_jax import checkpoint
+
+    ckpts = checkpoint.RunCheckpoints(tmp_path / "c")
+    state = {"emb": jnp.arange(20.0).reshape(10, 2), "bias": jnp.arange(4.0),
+             "step": jnp.asarray(7)}
+    ckpts.save(1, state, {"progress": {}}, 0.5)
+
+    def template(**change):
+        return {**state, **change}
+
+    for change, message in [
+        ({"bias": jnp.zeros(2)}, r"array bias has shape \(4,\), this run expects \(2,\)"),
+        ({"bias": jnp.zeros(6)}, r"array bias has shape \(4,\), this run expects \(6,\)"),
+        ({"emb": jnp.zeros((10, 3))}, r"array emb has shape \(10, 2\)"),
+        ({"emb": jnp.zeros((10, 2), jnp.bfloat16)}, "array emb is float32, this run expects "
+                                                    "bfloat16"),
+        ({"step": jnp.asarray(0.5)}, "array step is int32, this run expects float32"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ckpts.restore(template(**change))
+    with pytest.raises(TypeError, match="template's step is a int, not a jax.Array"):
+        ckpts.restore(template(step=0))
+    with pytest.raises(ValueError, match=r"no checkpoint of epoch 5 .* holds epochs \[1\]"):
+        ckpts.restore(state, epoch=5)
+    padded, _ = ckpts.restore(template(emb=jnp.zeros((12, 2))))  # a table's padding rows
+    np.testing.assert_array_equal(np.asarray(padded["emb"]),
+                                  np.concatenate([np.asarray(state["emb"]), np.zeros((2, 2))]))
+
+
 def test_a_crash_inside_the_write_window_leaves_the_previous_step(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
