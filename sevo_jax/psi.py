@@ -184,8 +184,20 @@ def propagate(
     """
     check_hyperparameters(beta, num_layers, approx)
     check_impl(impl)
+    if not isinstance(graph, GraphOperator):
+        raise TypeError(f"propagate needs a graph operator (sevo_jax.as_normalized_graph of the "
+                        f"adjacency), got {type(graph).__name__}")
     single = not isinstance(x, (list, tuple))
     tables = [jnp.asarray(x)] if single else [jnp.asarray(t) for t in x]
+    if not tables:
+        raise ValueError("propagate needs at least one table")
+    for t in tables:
+        if t.ndim != 2:
+            raise ValueError(f"psi smooths 2-D tables (rows = graph nodes), got shape "
+                             f"{t.shape}")
+        if not jnp.issubdtype(t.dtype, jnp.inexact):
+            raise TypeError(f"psi smooths float or complex tables, got {t.dtype} (an "
+                            "integer or bool table would be rounded back after smoothing)")
     if is_concrete((beta, num_layers)):
         out = _propagate_static(graph, tables, float(beta), int(num_layers), approx, impl)
     else:

@@ -245,11 +245,12 @@ def sevo_smooth(
     check_hyperparameters(beta, num_layers, approx)
     check_impl(impl)
     check_mask_argument("mask", mask)
+    own_fingerprint = None  # the unsharded graph's: a state must hold this very graph
     if mesh is not None or axis_name is not None or isinstance(adjacency, ShardedGraph):
         num_nodes, make_graph = sharded_graph_factory(adjacency, mesh, axis_name)
     else:
         local = as_normalized_graph(adjacency)
-        num_nodes = local.num_nodes
+        num_nodes, own_fingerprint = local.num_nodes, local.fingerprint
 
         def make_graph(segments):
             del segments
@@ -276,6 +277,12 @@ def sevo_smooth(
             raise TypeError(
                 "SEvoSmoothState.graph must be a GraphOperator (from init), got "
                 f"{type(graph).__name__}"
+            )
+        if own_fingerprint is not None and graph.fingerprint != own_fingerprint:
+            raise ValueError(
+                f"the state holds another graph than this transform's (fingerprint "
+                f"{graph.fingerprint[:12]}, not {own_fingerprint[:12]}): pass a state from this "
+                "transform's init, or restored into it"
             )
         check_selection(updates, flags, graph.num_nodes)
         if repair:

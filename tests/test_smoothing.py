@@ -356,6 +356,12 @@ def bad(matrix_patch):
         (dict(adjacency=bad(lambda a: (a.__setitem__((0, 1), np.inf), a.__setitem__((1, 0), np.inf)))),
          ValueError, "inf"),
         (dict(adjacency="graph.txt"), TypeError, "adjacency"),
+        # asymmetry next to a heavy edge (the tolerance is per pair, not max |A|)
+        (dict(adjacency=np.array([[0, 1.0, 0], [2.0, 0, 0], [0, 0, 1e7]])), ValueError,
+         "symmetric"),
+        (dict(adjacency=np.array([[0, 1 + 5j], [1 - 5j, 0]])), ValueError, "complex weights"),
+        (dict(adjacency=np.array([[0, 1e308, 0], [1e308, 0, 1e308], [0, 1e308, 0]])),
+         ValueError, "row sums .* overflow"),
         (dict(adjacency=GOOD, beta=1.0), ValueError, "beta"),
         (dict(adjacency=GOOD, beta=-0.1), ValueError, "beta"),
         (dict(adjacency=GOOD, beta=float("nan")), ValueError, "beta"),
@@ -394,3 +400,32 @@ def test_update_also_checks_the_node_count():
     state = tx.init({"emb": jnp.ones((3, 2))})
     with pytest.raises(ValueError, match="adjacency has 3 nodes"):
         jax.jit(tx.update)({"emb": jnp.ones((5, 2))}, state)
+
+
+def test_a_state_of_another_graph_is_refused():
+    """Two graphs of the same size: a state of one given to the other's update was smoothed
+    with the state's graph, silently."""
+    other = np.array([[0, 1, 1], [1, 0, 0], [1, 0, 0.0]])
+    assert not np.array_equal(other, GOOD)
+    params = {"emb": jnp.ones((3, 2))}
+    for repair in (True, False):
+        tx = sj.sevo_smooth(GOOD, repair=repair)
+        with pytest.raises(ValueError, match="the state holds another graph"):
+            jax.jit(tx.update)(params, sj.sevo_smooth(other, repair=repair).init(params))
+        jax.jit(tx.update)(params, sj.sevo_smooth(GOOD.copy(), repair=repair).init(params))
+
+
+def test_psi_refuses_tables_it_would_round_or_misread():
+    g = sj.as_normalized_graph(GOOD)
+    for table in (jnp.ones((3, 2), jnp.int32), jnp.ones((3, 2), bool)):
+        with pytest.raises(TypeError, match="float or complex tables"):
+            sj.propagate(g, table, 0.5, 2)
+        tx = sj.sevo_smooth(GOOD)
+        with pytest.raises(TypeError, match="float or complex tables"):
+            tx.update({"emb": table}, tx.init({"emb": jnp.ones((3, 2))}))
+    with pytest.raises(TypeError, match="needs a graph operator"):
+        sj.propagate(GOOD, jnp.ones((3, 2)), 0.5, 2)
+    with pytest.raises(ValueError, match="2-D tables"):
+        sj.propagate(g, jnp.ones(3), 0.5, 2)
+    with pytest.raises(ValueError, match="at least one table"):
+        sj.propagate(g, [], 0.5, 2)
