@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np  # noqa: F401  (the Examples use it)
 import optax
 
+from sevo_jax.psi import is_concrete
 from sevo_jax.transform import (
     MaskOrFn,
     check_mask_argument,
@@ -58,6 +59,36 @@ class ScaleByAdamCorrectedState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # int32 scalar, number of steps taken
     mu: optax.Updates
     nu: optax.Updates
+
+
+def check_decay_rates(**values: Any) -> None:
+    """Raise unless each concrete value is a number in [0, 1) (``b1``, ``b2``, ``momentum``)
+    or, for ``eps``, a finite number >= 0; None and traced values are skipped.
+
+    ``b1 = 1`` or ``b2 = 1`` made every update NaN (bias correction ``1 - 1^t = 0``), and a
+    rate above 1 or below 0 gave finite, wrong updates.
+
+    Examples:
+      >>> check_decay_rates(b1=0.9, b2=0.999, eps=1e-8)
+      >>> check_decay_rates(b2=1.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: b2 must lie in [0, 1), got 1.0
+    """
+    for name, value in values.items():
+        if value is None or callable(value) or not is_concrete(value):
+            continue
+        try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a number, got {value!r}") from None
+        if name == "eps":
+            if not (math.isfinite(number) and number >= 0.0):
+                raise ValueError(f"eps must be a finite number >= 0, got {value!r}")
+        elif not 0.0 <= number < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
 
 
 def zero_rows(g: jax.Array) -> jax.Array:
@@ -117,6 +148,7 @@ def scale_by_adam_corrected(
       [[1.0], [1.0]]
     """
     check_mask_argument("mask", mask)
+    check_decay_rates(b1=b1, b2=b2, eps=eps)
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
@@ -271,6 +303,7 @@ def sevo_adam(
       >>> np.asarray(u["emb"], float).round(4).tolist()
       [[-0.1], [0.1]]
     """
+    check_decay_rates(b1=b1, b2=b2, eps=eps)
     check_mask_argument("decay_mask", decay_mask)
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
@@ -309,6 +342,7 @@ def sevo_sgd(
       >>> np.asarray(u["emb"], float).round(4).tolist()
       [[-2.0], [-1.0]]
     """
+    check_decay_rates(momentum=momentum)
     check_mask_argument("decay_mask", decay_mask)
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),

@@ -200,3 +200,24 @@ def test_mask_as_callable_matches_oracle():
                              mask=lambda params: {k: params[k].ndim == 2 and k != "dense" for k in params})
 
     run_side_by_side(make, "adamw", "neumann", 0.9, 3, kw)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(b1=1.0), ValueError, r"b1 must lie in \[0, 1\), got 1.0"),  # was: every update NaN
+    (dict(b2=1.0), ValueError, r"b2 must lie in \[0, 1\)"),
+    (dict(b1=1.5), ValueError, "b1 must lie"),  # was: finite, wrong updates
+    (dict(b2=-0.5), ValueError, "b2 must lie"),
+    (dict(eps=-1.0), ValueError, "eps must be a finite number >= 0"),
+    (dict(eps=float("nan")), ValueError, "eps must be"),
+    (dict(b1="0.9"), TypeError, "b1 must be a number"),
+])
+def test_bad_moment_decays_are_refused(kwargs, error, message):
+    adjacency = np.array([[0.0, 1.0], [1.0, 0.0]])
+    for make in (lambda: sj.sevo_adamw(1e-3, adjacency, **kwargs),
+                 lambda: sj.sevo_adam(1e-3, adjacency, **kwargs),
+                 lambda: sj.adamw_corrected(1e-3, **kwargs),
+                 lambda: sj.scale_by_adam_corrected(**kwargs)):
+        with pytest.raises(error, match=message):
+            make()
+    with pytest.raises(ValueError, match="momentum must lie"):
+        sj.sevo_sgd(1e-3, adjacency, momentum=1.5)
