@@ -19,7 +19,8 @@ Two cautions there, as for any Optax alias: Optax takes every callable argument 
 so name a callable ``mask``/``decay_mask`` (and ``mesh``) in ``static_args`` (else it comes back
 as one bool, which these functions refuse: ``transform.check_mask_argument``); and it casts the
 injected floats to the params' dtype, so with bfloat16 params pass
-``hyperparam_dtype=jnp.float32`` (``beta`` 0.99 in bfloat16 is 0.98828: ``1 - beta`` 17% off).
+``hyperparam_dtype=jnp.float32`` (``beta`` 0.99 in bfloat16 is 0.98828: ``1 - beta`` 17% off;
+``b2`` 0.999 is 1, refused by ``check_decay_rates``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,12 @@ def check_decay_rates(**values: Any) -> None:
             if not (math.isfinite(number) and number >= 0.0):
                 raise ValueError(f"eps must be a finite number >= 0, got {value!r}")
         elif not 0.0 <= number < 1.0:
-            raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+            dtype = getattr(value, "dtype", None)
+            rounded = (f" ({name} rounded to {dtype}: under optax.inject_hyperparams pass "
+                       "hyperparam_dtype=jnp.float32)"
+                       if dtype is not None and jnp.finfo(dtype).bits < 32 and number == 1.0
+                       else "")
+            raise ValueError(f"{name} must lie in [0, 1), got {value!r}{rounded}")
 
 
 def zero_rows(g: jax.Array) -> jax.Array:

@@ -455,12 +455,18 @@ def test_float_only_reset_of_a_sharded_graph_is_repaired():
 
 def test_bfloat16_params_under_inject_hyperparams():
     """Optax casts injected floats to the params' dtype: beta arrives as bfloat16 (accepted,
-    was a TypeError); with hyperparam_dtype=float32 the update equals the uninjected one."""
+    was a TypeError), and so does b2 = 0.999, which rounds to 1 (every update was NaN: now
+    refused, naming hyperparam_dtype); with hyperparam_dtype=float32 the update equals the
+    uninjected one."""
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), make_params())
     grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), make_grads())
     injected = optax.inject_hyperparams(sj.sevo_adamw)(LR, A, 0.9, 3, mask=MASK)
+    with pytest.raises(ValueError, match="b2 rounded to bfloat16: .* hyperparam_dtype"):
+        injected.init(params)
+    injected = optax.inject_hyperparams(sj.sevo_adamw)(LR, A, 0.9, 3, b2=0.99, mask=MASK)
     u, state = jax.jit(injected.update)(grads, injected.init(params), params)
     assert state.hyperparams["beta"].dtype == jnp.bfloat16 and u["emb"].dtype == jnp.bfloat16
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(u))
     exact = optax.inject_hyperparams(sj.sevo_adamw, hyperparam_dtype=jnp.float32)(
         LR, A, 0.9, 3, mask=MASK)
     for x, y in zip(jax.tree.leaves(first_update(exact, params, grads)), jax.tree.leaves(
