@@ -223,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     except training.ConfigError as e:  # name the flag, not the config field
         sys.stderr.write(f"{PROG}: error: {parser.flags.get(e.field, e.field)} {e.problem}\n")
         return 2
-    except (ValueError, TypeError, OSError, FloatingPointError) as e:  # DataError is a ValueError
-        sys.stderr.write(f"{PROG}: error: {' '.join(str(e).split())}\n")
+    # DataError is a ValueError; OverflowError: a setting too large for JAX's int32/int64
+    except (ValueError, TypeError, OSError, OverflowError, FloatingPointError) as e:
+        hint = ("; a setting is too large (--features, --maxlen, --batch-size, ...)"
+                if isinstance(e, OverflowError) else "")
+        sys.stderr.write(f"{PROG}: error: {' '.join(str(e).split())}{hint}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted; resume with --resume --out {args.out}\n")

@@ -743,6 +743,12 @@ def build_graph(config: TrainConfig, ds: data_lib.SequenceDataset) -> sp.csr_mat
         graph = graph_lib.cooccurrence_graph(
             [s - 1 for s in ds.train_sequences()], ds.num_items, H=config.H,
             maxlen=config.maxlen, num_pads=1)
+    if graph.nnz == 0:  # psi would be the identity: a run called SEvo that smooths nothing
+        why = ("no item has a category" if kind == "category" else
+               f"no two items lie within --H {config.H} steps of each other in the last "
+               f"--maxlen {config.maxlen} items of any training sequence")
+        raise ValueError(f"the {kind} graph of {ds.name} has no edges ({why}), so "
+                         f"{config.optimizer} would smooth nothing")
     if config.model == "bert4rec":  # the mask token: one more isolated node
         graph = sp.csr_matrix((graph.data, graph.indices, np.append(graph.indptr, graph.nnz)),
                               shape=(graph.shape[0] + 1, graph.shape[1] + 1))
@@ -943,7 +949,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
 def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None,
                 num_items: int | None = None) -> Callable:
-    """``(params, inputs, targets, seen) -> per-example metrics`` over the full catalogue.
+    """``(params, inputs, targets, seen) -> per-example metrics`` over the full catalogue; NaN
+    for a row where a candidate's score is NaN or inf.
 
     ``seen`` (B, K) holds the item ids to exclude per example, padded with 0 (padding, never
     ranked anyway); the (B, catalogue) mask is built on the device from it. Ids past
@@ -963,7 +970,11 @@ def make_scorer(config: TrainConfig, model: nn.Module, mesh: Mesh | None = None,
                                                    seen].set(True)
         if num_items is not None and scores.shape[-1] > num_items + 1:
             exclude = exclude | (jnp.arange(scores.shape[-1]) > num_items)[None, :]
-        return metrics_lib.ranking_metrics(metrics_lib.target_ranks(scores, targets, exclude))
+        metrics = metrics_lib.ranking_metrics(metrics_lib.target_ranks(scores, targets, exclude))
+        # a NaN or inf candidate score (parameters that overflowed) makes the row's metrics NaN,
+        # not the pessimistic rank target_ranks gives it, so that evaluate reports it
+        overflowed = jnp.any(~jnp.isfinite(scores) & ~exclude, axis=-1)
+        return {k: jnp.where(overflowed, jnp.nan, v) for k, v in metrics.items()}
 
     if mesh is None:
         return jax.jit(score)
@@ -1024,7 +1035,11 @@ def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.Se
         if plan is not None:
             batch = plan.put(batch, plan.replicated)
         acc.update(scorer(params, *batch), mask=np.arange(bs) < rows.size)
-    return acc.compute()
+    metrics = acc.compute()
+    if not all(np.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(f"the {split} scores are NaN or inf (the parameters "
+                                 "overflowed); lower --lr or check the data")
+    return metrics
 
 
 # ---- progress ------------------------------------------------------------------------------------

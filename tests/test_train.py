@@ -271,6 +271,23 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_folder_reusable
     assert _run(capsys, *base, "--out", tmp_path / "old")[0] == 0  # an empty checkpoints/: no run
 
 
+def test_parameters_that_overflow_in_the_last_update_are_an_error(capsys, tmp_path, tiny_csv):
+    """One step per epoch: the loss (taken before the update) is finite, the updated
+    parameters score NaN. Before, every metric came out 0 and the run reported success."""
+    _fails(capsys, ["--data", tiny_csv, "--epochs", "1", *TINY, "--batch-size", "512", "--lr",
+                    "1e30", "--out", tmp_path / "o"], "valid scores are NaN or inf")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_graph_without_edges_is_an_error(capsys, tmp_path):
+    path = tmp_path / "seq.txt"  # --maxlen 1: no two items co-occur
+    path.write_text("".join(f"{u} " + " ".join(str(1 + (u + k) % 9) for k in range(6)) + "\n"
+                            for u in range(1, 21)))
+    _fails(capsys, ["--data", path, "--epochs", "1", *TINY_SEQUENTIAL, "--maxlen", "1",
+                    "--out", tmp_path / "o"], "graph of seq has no edges", "smooth nothing")
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_without_a_checkpoint_is_an_error(capsys, tmp_path, tiny_csv):
     _fails(capsys, ["--data", tiny_csv, "--epochs", "1", *TINY, "--resume", "--out",
                     tmp_path / "fresh"], "cannot resume", "holds no checkpoint")
