@@ -1348,13 +1348,13 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
         f"{stats['interactions']} interactions; dropped {stats['duplicates_dropped']} duplicate "
         f"rows and {stats['users_dropped']} users with too few interactions")
 
-    adjacency = build_graph(config, ds) if config.optimizer.startswith("sevo") else None
-    model, optimizer, params, opt_state = init_training(config, ds, plan, adjacency)
     examples = training_examples(config, ds)
     if not examples.has_targets():
         raise data_lib.DataError(
             f"{config.data or ds.name}: no training example for {config.model}: no user has 2 "
             "training items (4 interactions: 2 to train on, a validation and a test item)")
+    adjacency = build_graph(config, ds) if config.optimizer.startswith("sevo") else None
+    model, optimizer, params, opt_state = init_training(config, ds, plan, adjacency)
     sampler = NegativeSampler(ds)
     best_params = _device_copy(params)
     progress = Progress()
