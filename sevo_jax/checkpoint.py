@@ -40,11 +40,13 @@ temporary step directory, which is not yet renamed) and ``after-commit``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import signal
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -145,6 +147,28 @@ def _fault_point(stage: str, epoch: int) -> None:
 MANIFEST = "files.json"  # in the meta item: size and CRC-32 of every file of the step
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _UNLISTED = {"_CHECKPOINT_METADATA", "commit_success.txt", MANIFEST}  # rewritten at the commit
+
+
+@contextlib.contextmanager
+def _interrupt_held():
+    """Hold a SIGINT that arrives inside the block and raise it (``KeyboardInterrupt``) after.
+
+    A KeyboardInterrupt inside Orbax's save closed its event loop under its writer threads,
+    which then printed hundreds of lines of tracebacks. Only the main thread can set signal
+    handlers; elsewhere, or under another handler than Python's default, nothing changes.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _crc32(path: Path) -> int:
@@ -287,15 +311,17 @@ class RunCheckpoints:
             self.manager.delete(epoch)
 
     def save(self, epoch: int, state: Any, meta: dict, score: float) -> None:
-        """Write ``state`` and ``meta`` as step ``epoch``; ``score`` ranks it for "best"."""
+        """Write ``state`` and ``meta`` as step ``epoch``; ``score`` ranks it for "best". A
+        Ctrl-C (SIGINT) during the save is held until the step is committed, then raised."""
         _fault_point("before-save", epoch)
         self._meta_handler.saving_epoch = epoch
         meta = {"format": FORMAT_VERSION, "epoch": int(epoch), **meta}
-        self.manager.save(
-            int(epoch),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(without_graphs(state)),
-                                    meta=_MetaSave(meta)),
-            metrics={"NDCG@10": float(score), "epoch": int(epoch)}, force=True)
+        with _interrupt_held():
+            self.manager.save(
+                int(epoch),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(without_graphs(state)),
+                                        meta=_MetaSave(meta)),
+                metrics={"NDCG@10": float(score), "epoch": int(epoch)}, force=True)
         _fault_point("after-commit", epoch)
 
     def read_meta(self, epoch: int) -> dict:

@@ -1323,16 +1323,27 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                          "or replace it")
     plan = mesh_plan(config)  # a bad --mesh fails here, before any data is read
     out = Path(config.out)
-    if plan is not None and jax.process_index() != 0:  # several hosts: process 0 holds out
-        return _fit_in_folder(config, plan, out, resume, dataset, log, lambda: None)
-    with _claim_run_folder(out, resume=resume, overwrite=overwrite, log=log) as replace_previous:
-        return _fit_in_folder(config, plan, out, resume, dataset, log, replace_previous)
+    opened: list[checkpoint_lib.RunCheckpoints] = []
+    try:
+        if plan is not None and jax.process_index() != 0:  # several hosts: process 0 holds out
+            return _fit_in_folder(config, plan, out, resume, dataset, log, lambda: None, opened)
+        with _claim_run_folder(out, resume=resume, overwrite=overwrite,
+                               log=log) as replace_previous:
+            return _fit_in_folder(config, plan, out, resume, dataset, log, replace_previous,
+                                  opened)
+    except BaseException:  # e.g. Ctrl-C during a save: Orbax's threads end before Python does
+        for checkpoints in opened:
+            with contextlib.suppress(Exception):
+                checkpoints.close()
+        raise
 
 
 def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out: Path,
                    resume: bool, dataset: data_lib.SequenceDataset | None,
-                   log: Callable[[str], None], replace_previous: Callable[[], None]) -> dict:
-    """``fit`` once ``out`` is claimed; ``replace_previous()`` runs before the first write."""
+                   log: Callable[[str], None], replace_previous: Callable[[], None],
+                   opened: list[checkpoint_lib.RunCheckpoints]) -> dict:
+    """``fit`` once ``out`` is claimed; ``replace_previous()`` runs before the first write. The
+    run's checkpoints are appended to ``opened`` (``fit`` closes them if the run fails)."""
     if config.compile_cache:
         enable_compile_cache(log=log)
     epochs = required(config.epochs, "epochs")
@@ -1363,6 +1374,7 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
 
     replace_previous()  # data, model and graph are ready: from here on the run writes
     checkpoints = checkpoint_lib.RunCheckpoints(out / CHECKPOINT_DIR)
+    opened.append(checkpoints)
     run_meta = {"config": cfg_dict, DATA_FINGERPRINT: data_fingerprint,
                 GRAPH_FINGERPRINT: None if adjacency is None
                 else checkpoint_lib.graph_fingerprint(adjacency)}

@@ -200,6 +200,29 @@ def test_restore_refuses_a_template_it_would_cast_or_cut(tmp_path):
                                   np.concatenate([np.asarray(state["emb"]), np.zeros((2, 2))]))
 
 
+def test_a_ctrl_c_during_a_save_is_raised_after_the_commit(tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside Orbax's save closed its event loop under its writer threads
+    (hundreds of lines of tracebacks at exit); now the save finishes and then it is raised."""
+    import signal
+
+    import jax.numpy as jnp
+
+    from sevo_jax import checkpoint
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT has another handler in this process")
+    ckpts = checkpoint.RunCheckpoints(tmp_path / "c")
+    monkeypatch.setattr(checkpoint, "fault_hook",
+                        lambda stage, epoch: stage == "before-commit" and os.kill(
+                            os.getpid(), signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        ckpts.save(1, {"w": jnp.arange(4.0)}, {"progress": {}}, 0.5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert ckpts.all_epochs() == [1]
+    np.testing.assert_array_equal(
+        np.asarray(ckpts.restore({"w": jnp.zeros(4)})[0]["w"]), np.arange(4.0))
+
+
 def test_a_crash_inside_the_write_window_leaves_the_previous_step(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
