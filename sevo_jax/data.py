@@ -848,8 +848,10 @@ def detect_format(path: PathLike) -> str:
     """The format of ``path`` from its content: ``"movielens"`` for a directory or a first
     line that is a ``ratings.dat`` line (``::``) or tab-separated ``user item rating timestamp``
     (as in ``u.data``, ``u1.base``), ``"csv"`` for a comma-separated one, else ``"seqtxt"``.
+    Lines of 3 or 4 integers ending in a Unix time (``1 6 1600000000``) are a ``DataError``:
+    read as sequences, their timestamps would become items.
 
-    Only the first line is read; the loader then checks the whole file against the format.
+    Only the first lines are read; the loader then checks the whole file against the format.
     """
     path = Path(path)
     if path.is_dir():
@@ -857,12 +859,28 @@ def detect_format(path: PathLike) -> str:
     path = _check_file(path)
     with open(path, "rb") as f:
         head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf").decode("latin-1")
-    lines = [line for line in _universal_newlines(head).split("\n") if line.strip()][:1]
+    lines = [line for line in _universal_newlines(head).split("\n") if line.strip()][:5]
     if not lines:
         return "seqtxt"  # the loader reports the empty file
     if "::" in lines[0] or _ratings_lines(lines[:1]).size:
         return "movielens"
-    return "csv" if "," in lines[0] else "seqtxt"
+    if "," in lines[0]:
+        return "csv"
+    if all(_looks_like_timed_row(line) for line in lines[:-1] or lines):
+        raise DataError(
+            f"{path}:1: {_snippet(lines[0])} looks like a whitespace-separated 'user item "
+            "[rating] timestamp' row (the last field is a Unix time), not a sequence 'user "
+            "item item ...': write it as a user,item,timestamp CSV, or pass --format seqtxt "
+            "if the lines are sequences")
+    return "seqtxt"
+
+
+def _looks_like_timed_row(line: str) -> bool:
+    """3 or 4 whitespace-separated integers whose last one is at least 10^8 (a Unix time in
+    seconds after 1973, or in milliseconds)."""
+    fields = line.split()
+    return (len(fields) in (3, 4) and all(map(_is_integer_literal, fields))
+            and int(fields[-1]) >= 10**8)
 
 
 def _fingerprint(fmt: str, path: Path, kcore: int, min_len: int, keep_duplicates: bool) -> str:

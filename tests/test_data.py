@@ -389,6 +389,18 @@ def test_detect_format_reads_the_content_not_the_name(tmp_path, name, text, expe
     assert data.detect_format(_write(tmp_path / name, text)) == expected
 
 
+@pytest.mark.parametrize("text", [
+    "1 6 1600000000\n1 7 1600000100\n2 6 1600000200\n",      # user item timestamp
+    "1\t6\t1600000000\n2\t7\t1600000100\n",                  # the same with tabs
+    "1 10 1 880756250\n1 11 3 880756300\n",                  # u.data written with spaces
+])
+def test_timed_rows_are_not_read_as_sequences(tmp_path, text):
+    """Read as sequences, every timestamp became an item id, silently."""
+    with pytest.raises(DataError, match=r"looks like a whitespace-separated 'user item \[rating\] "
+                                        r"timestamp' row.*--format seqtxt"):
+        data.detect_format(_write(tmp_path / "log.txt", text))
+
+
 def test_detect_format_of_a_directory_and_a_missing_file(tmp_path):
     assert data.detect_format(tmp_path) == "movielens"
     with pytest.raises(DataError, match=r"nowhere\.txt: not found"):
