@@ -500,8 +500,18 @@ def _split_fields(
     return [flat[j::nfields] for j in range(nfields)]
 
 
-def _ints_or_strings(tokens: list[str]) -> np.ndarray:
-    """Integer ids when every token is an integer (numeric order), else strings."""
+MISSING_IDS = frozenset({"", "na", "n/a", "nan", "null", "none"})
+
+
+def _ints_or_strings(tokens: list[str], what: str = "id", path: Path | None = None,
+                     line_of: Callable[[int], int] | None = None) -> np.ndarray:
+    """Integer ids when every token is an integer (numeric order), else strings; surrounding
+    spaces are not part of an id, and a missing one (``MISSING_IDS``) is a ``DataError``."""
+    tokens = [t.strip() for t in tokens]
+    missing = next((k for k, t in enumerate(tokens) if t.lower() in MISSING_IDS), None)
+    if missing is not None:
+        where = f"{path}:{line_of(missing)}: " if path is not None and line_of else ""
+        raise DataError(f"{where}missing {what} ({tokens[missing]!r})")
     try:
         return np.array(tokens, dtype=np.int64)
     except (ValueError, OverflowError):
@@ -703,6 +713,24 @@ def _is_float_literal(token: str) -> bool:
 NOT_A_TIME_COLUMN = ("rating", "score", "star", "count", "weight", "label")
 
 
+CSV_COLUMNS = ("user", "item", "time")
+# words of a header name that give its column's role (whole words, singular)
+_COLUMN_WORDS = {
+    "user": ("user", "uid", "customer", "reviewer", "visitor", "member"),
+    "item": ("item", "iid", "movie", "product", "business", "asin", "book", "song", "article"),
+    "time": ("time", "timestamp", "date", "datetime", "ts", "unixtime", "t"),
+}
+
+
+def _column_role(name: str) -> str | None:
+    """``"user"``, ``"item"`` or ``"time"`` for a CSV header name (``userId``, ``movie_id``,
+    ``unix_time``...), None when it names none or more than one."""
+    words = {w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name)}
+    words |= {w[:-1] for w in words if w.endswith("s")}  # plurals
+    roles = [role for role, names in _COLUMN_WORDS.items() if words & set(names)]
+    return roles[0] if len(roles) == 1 else None
+
+
 def load_csv(
     path: PathLike, *, kcore: int = 0, min_len: int = 3, keep_duplicates: bool = False
 ) -> SequenceDataset:
@@ -711,6 +739,8 @@ def load_csv(
     The first line is a header when none of its three fields is a number (so ``1,2,x`` or
     ``1,2,nan`` is a data row, and an error); a header whose third name says it is not a
     time (``NOT_A_TIME_COLUMN``: e.g. ``userId,movieId,rating``) is an error, not an order.
+    A header naming the three columns in another order (``timestamp,user,item``) is read by
+    name.
     Ids are integers (ordered numerically) when every id of the column is an integer,
     otherwise arbitrary strings (ordered lexicographically). Timestamps are numbers; ties
     keep file order.
@@ -723,6 +753,7 @@ def load_csv(
         if row and any(field.strip() for field in row):
             rows.append(row)
             linenos.append(reader.line_num)
+    header = None
     if rows and len(rows[0]) == 3 and not any(map(_is_float_literal, rows[0])):
         third = rows[0][2].strip()
         words = {w.rstrip("s") for w in re.findall(r"[a-z]+", third.lower())}
@@ -730,6 +761,9 @@ def load_csv(
             raise DataError(f"{path}:{linenos[0]}: the third column is {third!r}, not a time: "
                             "the CSV format is user,item,timestamp (the timestamp orders each "
                             "user's items)")
+        roles = [_column_role(name) for name in rows[0]]
+        if sorted(filter(None, roles)) == sorted(CSV_COLUMNS) and tuple(roles) != CSV_COLUMNS:
+            header = roles
         rows, linenos = rows[1:], linenos[1:]
     if not rows:
         raise DataError(f"{path}: file is empty (no data lines)")
@@ -741,10 +775,14 @@ def load_csv(
             f"{path}:{linenos[k]}: expected 3 comma-separated fields (user,item,timestamp), "
             f"got {widths[k]}"
         )
-    user, item, ts = map(list, zip(*rows, strict=True))
-    times = _timestamps(ts, path, lambda k: linenos[k])
+    user, item, ts = (list(column) for column in zip(*rows, strict=True))
+    if header is not None:  # columns named in another order: read them by name
+        user, item, ts = ([user, item, ts][header.index(role)] for role in CSV_COLUMNS)
+    line_of = lambda k: linenos[k]  # noqa: E731
+    times = _timestamps(ts, path, line_of)
     return _build(
-        path.stem, _ints_or_strings(user), _ints_or_strings(item), times, source=str(path),
+        path.stem, _ints_or_strings(user, "user id", path, line_of),
+        _ints_or_strings(item, "item id", path, line_of), times, source=str(path),
         kcore=kcore, min_len=min_len, keep_duplicates=keep_duplicates,
     )
 

@@ -550,3 +550,29 @@ def test_csv_header_naming_ratings_is_refused_not_taken_as_times(tmp_path):
     for name in ("timestamp", "start_time", "Time"):
         ok = data.load_csv(_write(tmp_path / "time.csv", f"userId,movieId,{name}\n" + body))
         assert ok.stats()["interactions"] == 4
+
+
+@pytest.mark.parametrize("header, order", [
+    ("timestamp,user,item", (2, 0, 1)), ("item,user,timestamp", (1, 0, 2)),
+    ("movieId,userId,unix_time", (1, 0, 2)), ("user_id,business_id,date", (0, 1, 2))])
+def test_csv_columns_are_read_by_their_header_names(tmp_path, header, order):
+    """Before, the header was skipped and the columns read as user,item,timestamp."""
+    rows = [(u, (3 * u + 5 * k) % 11 + 1, 1000 + k) for u in range(1, 7) for k in range(5)]
+    (tmp_path / "ref").mkdir()
+    reference = data.load_csv(_write(tmp_path / "ref" / "log.csv", "".join(
+        f"{u},{i},{t}\n" for u, i, t in rows)))
+    text = header + "\n" + "".join(",".join(str((u, i, t)[j]) for j in order) + "\n"
+                                   for u, i, t in rows)
+    assert data.load_csv(_write(tmp_path / "log.csv", text)) == reference
+
+
+def test_csv_ids_are_stripped_and_missing_ids_refused(tmp_path):
+    plain = "".join(f"u{u},i{(u + k) % 7},{k}\n" for u in range(6) for k in range(5))
+    spaced = "".join(f"u{u}, i{(u + k) % 7} ,{k}\n" for u in range(6) for k in range(5))
+    (tmp_path / "b").mkdir()
+    assert data.load_csv(_write(tmp_path / "a.csv", plain)) == data.load_csv(
+        _write(tmp_path / "b" / "a.csv", spaced))
+    for bad, what in (("u1,,9\n", "missing item id"), (",i1,9\n", "missing user id"),
+                      ("u1,NA,9\n", "missing item id \\('NA'\\)")):
+        with pytest.raises(DataError, match=r"c\.csv:31: " + what):
+            data.load_csv(_write(tmp_path / "c.csv", plain + bad))
