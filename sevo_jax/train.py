@@ -143,8 +143,8 @@ def build_parser() -> _Parser:
     a("--resume", action="store_true",
       help="continue the run in OUT from its checkpoint (an error if it has none)")
     a("--overwrite", action="store_true",
-      help="replace the run already in OUT, deleted once the new run has its data, model and "
-           "graph (default: refuse a used OUT)")
+      help="replace the run already in OUT, deleted once the new run has its first "
+           "checkpoint (default: refuse a used OUT)")
     a("--no-progress", action="store_true", help="hide the progress bar")
     p.flags["progress"] = "--no-progress"
     a("--no-compile-cache", action="store_true",

@@ -1196,22 +1196,25 @@ def _free_previous_results_name(out: Path) -> str:
 
 def _restore_replaced(out: Path, log: Callable[[str], None]) -> None:
     """Move a previous run set aside by ``--overwrite`` back into ``out`` (the run that set it
-    aside failed, or was killed, before writing anything), and finish an interrupted delete."""
+    aside failed, or was killed, before its first checkpoint), and finish an interrupted
+    delete. Files of the same names in ``out`` are that unfinished run's: they are deleted."""
     shutil.rmtree(out / _DELETING_DIR, ignore_errors=True)
     aside = out / REPLACED_DIR
     if not aside.is_dir():
         return
-    back = [p.name for p in sorted(aside.iterdir()) if not (out / p.name).exists()]
+    back = [p.name for p in sorted(aside.iterdir())]
+    dropped = [name for name in back if (out / name).exists()]
     for name in back:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        elif (out / name).exists():
+            (out / name).unlink()
         (aside / name).rename(out / name)
-    left = sorted(p.name for p in aside.iterdir())
-    if left:
-        log(f"overwrite: kept {', '.join(left)} of the previous run in {aside}: {out} holds "
-            "files of the same names")
-    else:
-        aside.rmdir()
+    aside.rmdir()
     if back:
-        log(f"overwrite: put the previous run's {', '.join(back)} back in {out}")
+        unfinished = (f" (deleted the unfinished replacing run's {', '.join(dropped)})"
+                      if dropped else "")
+        log(f"overwrite: put the previous run's {', '.join(back)} back in {out}{unfinished}")
 
 
 @contextlib.contextmanager
@@ -1220,8 +1223,9 @@ def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool, log: Callable
     that already holds a run (without ``resume`` or ``overwrite``) or, with ``resume``, that
     holds no checkpoint. ``overwrite`` moves the previous run's ``RUN_FILES`` to
     ``REPLACED_DIR``; the context yields ``replace_previous()``, which deletes them and which the
-    run calls just before it first writes. A run that fails (or is killed) before that puts
-    them back, so a command that fails on its data or settings loses nothing.
+    run calls once its first checkpoint is committed. A run that fails (or is killed) before
+    that gets them back, in place of what it wrote, so a command that fails on its data, its
+    settings or in its first epochs loses nothing.
 
     The lock is ``flock`` on ``out/LOCK_FILE``: the OS releases it when the process dies,
     so a crashed run never leaves the folder locked. A run that fails before writing anything
@@ -1312,7 +1316,8 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     ``config.out`` is locked for the run. A folder that already holds a run is refused unless
     ``resume`` (continue it: it must hold a checkpoint) or ``overwrite`` (replace it: the old
-    run is deleted once the new one has its data, model and graph, and kept if it fails first).
+    run is deleted once the new one has committed its first checkpoint, and put back if it
+    fails or is killed first).
     ``config.compile_cache`` turns on JAX's persistent compilation cache for the process
     (``enable_compile_cache``).
     """
@@ -1323,26 +1328,28 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                          "or replace it")
     plan = mesh_plan(config)  # a bad --mesh fails here, before any data is read
     out = Path(config.out)
-    opened: list[checkpoint_lib.RunCheckpoints] = []
-    try:
-        if plan is not None and jax.process_index() != 0:  # several hosts: process 0 holds out
-            return _fit_in_folder(config, plan, out, resume, dataset, log, lambda: None, opened)
-        with _claim_run_folder(out, resume=resume, overwrite=overwrite,
-                               log=log) as replace_previous:
+    def run(replace_previous: Callable[[], None]) -> dict:
+        opened: list[checkpoint_lib.RunCheckpoints] = []
+        try:
             return _fit_in_folder(config, plan, out, resume, dataset, log, replace_previous,
                                   opened)
-    except BaseException:  # e.g. Ctrl-C during a save: Orbax's threads end before Python does
-        for checkpoints in opened:
-            with contextlib.suppress(Exception):
-                checkpoints.close()
-        raise
+        except BaseException:  # Orbax's threads end before the folder is tidied or Python ends
+            for checkpoints in opened:
+                with contextlib.suppress(Exception):
+                    checkpoints.close()
+            raise
+
+    if plan is not None and jax.process_index() != 0:  # several hosts: process 0 holds out
+        return run(lambda: None)
+    with _claim_run_folder(out, resume=resume, overwrite=overwrite, log=log) as replace_previous:
+        return run(replace_previous)
 
 
 def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out: Path,
                    resume: bool, dataset: data_lib.SequenceDataset | None,
                    log: Callable[[str], None], replace_previous: Callable[[], None],
                    opened: list[checkpoint_lib.RunCheckpoints]) -> dict:
-    """``fit`` once ``out`` is claimed; ``replace_previous()`` runs before the first write. The
+    """``fit`` once ``out`` is claimed; ``replace_previous()`` runs after the first checkpoint. The
     run's checkpoints are appended to ``opened`` (``fit`` closes them if the run fails)."""
     if config.compile_cache:
         enable_compile_cache(log=log)
@@ -1372,7 +1379,6 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
     shardings = None if plan is None else plan.step_shardings(params, opt_state, optimizer)
     writer = plan is None or jax.process_index() == 0  # several hosts: process 0 writes
 
-    replace_previous()  # data, model and graph are ready: from here on the run writes
     checkpoints = checkpoint_lib.RunCheckpoints(out / CHECKPOINT_DIR)
     opened.append(checkpoints)
     run_meta = {"config": cfg_dict, DATA_FINGERPRINT: data_fingerprint,
@@ -1475,6 +1481,7 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
                              {**run_meta, "progress": dataclasses.asdict(progress),
                               "rng": {"seed": config.seed, "next_epoch": epoch + 1}},
                              score=valid["NDCG@10"])
+            replace_previous()  # the new run has a checkpoint: the overwritten one may go
         bar.update(record, progress)
     bar.close()
     checkpoints.close()

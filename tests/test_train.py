@@ -246,6 +246,22 @@ def test_overwrite_that_fails_before_writing_keeps_the_previous_run(capsys, tmp_
     assert not (out / training.REPLACED_DIR).exists()
 
 
+def test_overwrite_that_fails_in_training_keeps_the_previous_run(capsys, tmp_path, tiny_csv):
+    """The old run was deleted once the new one had its data and model: a new run that then
+    failed in its second epoch (before its first checkpoint) lost it. Now it is put back, in
+    place of what the failed run wrote, and deleted only after the new run's first
+    checkpoint."""
+    out = tmp_path / "o"
+    assert _run(capsys, "--data", tiny_csv, "--epochs", "1", *TINY, "--out", out)[0] == 0
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()
+              and p.name != training.LOCK_FILE}
+    err = _fails(capsys, ["--data", tiny_csv, "--epochs", "3", *TINY, "--eval-every", "3",
+                          "--lr", "1e30", "--out", out, "--overwrite"], "nan")
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()
+            and p.name != training.LOCK_FILE} == before, err
+    assert not (out / training.REPLACED_DIR).exists()
+
+
 def test_an_out_that_cannot_be_a_folder_is_one_line_naming_the_flag(capsys, tmp_path, tiny_csv):
     (tmp_path / "f").write_text("keep")
     base = ["--data", tiny_csv, "--epochs", "1", *TINY, "--out"]
