@@ -12,6 +12,7 @@ smooths with (``sevo_jax.operator``, ``sevo_jax.psi``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -32,6 +33,15 @@ def _as_int_array(name: str, x) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must hold integer ids, got dtype {arr.dtype}")
     return arr.astype(np.int64, copy=False).ravel()
+
+
+def _count(name: str, value: Any, minimum: int = 0) -> int:
+    """``value`` as an int, if it is an integer (not a bool, not a float) >= ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def _check_ids(name: str, ids: np.ndarray, upper: int) -> None:
@@ -106,12 +116,15 @@ def cooccurrence_graph(
     """
     if not isinstance(H, (int, np.integer)) or isinstance(H, bool) or H < 1:
         raise ValueError(f"H must be a positive integer, got {H!r}")
-    if maxlen is not None and (not isinstance(maxlen, (int, np.integer)) or maxlen < 1):
+    if maxlen is not None and (not isinstance(maxlen, (int, np.integer)) or
+                               isinstance(maxlen, bool) or maxlen < 1):
         raise ValueError(f"maxlen must be a positive integer or None, got {maxlen!r}")
-    if num_pads < 0:
-        raise ValueError(f"num_pads must be >= 0, got {num_pads!r}")
-    n = int(num_items) + int(num_pads)
+    num_items, num_pads = _count("num_items", num_items), _count("num_pads", num_pads)
+    n = num_items + num_pads
     seqs = [np.asarray(s) for s in sequences]
+    if any(s.ndim != 1 for s in seqs):
+        raise ValueError("sequences must be a list of 1-D id sequences (one per user), got "
+                         f"an element of shape {next(s.shape for s in seqs if s.ndim != 1)}")
     if maxlen is not None:
         seqs = [s[-maxlen:] for s in seqs]
     lengths = np.fromiter((s.size for s in seqs), dtype=np.int64, count=len(seqs))
@@ -157,8 +170,10 @@ def user_item_graph(
              [0., 1., 0., 0., 0.],
              [1., 0., 0., 0., 0.]])
     """
+    num_users, num_items = _count("num_users", num_users), _count("num_items", num_items)
+    num_pads = _count("num_pads", num_pads)
     u, i = _id_pairs(("users", "items"), users, items, (num_users, num_items))
-    n = int(num_users) + int(num_pads) + int(num_items)
+    n = num_users + num_pads + num_items
     a = _symmetric_csr(u, i + num_users + num_pads, np.ones(u.size), n)
     a.data[:] = 1.0
     return a
@@ -219,6 +234,7 @@ def edge_list_graph(
       array([[0., 3.],
              [3., 2.]])
     """
+    num_nodes = _count("num_nodes", num_nodes)
     s, d = _id_pairs(("src", "dst"), src, dst, (num_nodes, num_nodes))
     w = np.ones(s.size) if weights is None else np.asarray(weights, np.float64).ravel()
     if w.shape != s.shape:

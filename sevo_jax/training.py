@@ -172,6 +172,9 @@ class TrainConfig:
         if self.lr_decay_factor == 1.0 and self.lr_decay_every != unset.lr_decay_every:
             raise ConfigError("lr_decay_every", "has no effect while --lr-decay-factor is 1 (no "
                               "decay); set both")
+        if self.keep_duplicates and self.format in ("seqtxt", "synthetic"):
+            raise ConfigError("keep_duplicates", f"applies to timestamped rows (csv, movielens); "
+                              f"{self.format} data has no duplicate rows to keep")
         if self.format == "synthetic" and self.cache_dir is not None:
             raise ConfigError("cache_dir", "applies to data read from a file; the synthetic set "
                               "is generated, never cached")

@@ -86,6 +86,13 @@ def test_normalize_handles_isolated_nodes():
         (lambda: sj.edge_list_graph([0], [1], 2, weights=[-1.0]), "weights"),
         (lambda: sj.edge_list_graph([0], [4], 2), "dst"),
         (lambda: validate_adjacency(sp.csr_matrix(np.ones((2, 3)))), "square"),
+        # sizes that were truncated (3.7 items: 4 nodes) or made nodes collide (num_pads=-1)
+        (lambda: sj.user_item_graph([0], [0], 1, 2, num_pads=-1), "num_pads must be >= 0"),
+        (lambda: sj.cooccurrence_graph([[0, 1]], 3.7), "num_items must be an integer"),
+        (lambda: sj.edge_list_graph([0], [1], 2.5), "num_nodes must be an integer"),
+        (lambda: sj.user_item_graph([0], [0], 1.5, 2), "num_users must be an integer"),
+        (lambda: sj.cooccurrence_graph([[0, 1]], 3, maxlen=True), "maxlen"),
+        (lambda: sj.cooccurrence_graph([0, 1, 2], 3), "a list of 1-D id sequences"),
     ],
 )
 def test_bad_builder_inputs(call, needle):

@@ -133,6 +133,7 @@ def test_a_flag_the_optimizer_does_not_read_is_an_error(capsys, tmp_path, argv, 
     (["--graph", "category", "--H", "7"], "the category graph does not use it"),
     (["--lr-decay-every", "1"], "--lr-decay-every has no effect while --lr-decay-factor is 1"),
     (["--cache-dir", "somewhere"], "--cache-dir applies to data read from a file"),
+    (["--keep-duplicates"], "--keep-duplicates applies to timestamped rows"),
 ])
 def test_a_setting_that_this_run_never_reads_is_an_error(capsys, tmp_path, argv, expected):
     _fails(capsys, argv + ["--out", tmp_path / "o"], expected)
