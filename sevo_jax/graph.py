@@ -134,7 +134,8 @@ def cooccurrence_graph(
     seq_id = np.repeat(np.arange(len(seqs)), lengths)
 
     rows, cols, weights = [], [], []
-    for h in range(1, H + 1):
+    longest = int(lengths.max(initial=0))
+    for h in range(1, min(H, longest - 1) + 1):  # no pair lies further apart
         same = seq_id[:-h] == seq_id[h:] if flat.size > h else np.zeros(0, bool)
         rows.append(flat[:-h][same])
         cols.append(flat[h:][same])
@@ -204,6 +205,11 @@ def category_graph(
     c = sp.csr_matrix(item_categories, dtype=np.float64, copy=True)  # never the caller's arrays
     if c.nnz and not np.isfinite(c.data).all():
         raise ValueError("item_categories must be a 0/1 incidence matrix, got NaN or inf entries")
+    other = c.data[(c.data != 0.0) & (c.data != 1.0)]
+    if other.size and (other > 0).all():  # (negative entries have their own message below)
+        raise ValueError(f"item_categories must be a 0/1 incidence matrix (items x categories), "
+                         f"got the value {other[0]:g}: for category ids per item, put a 1 in "
+                         "column id of the item's row")
     c.sum_duplicates()  # a category listed twice for an item is one membership
     c.eliminate_zeros()  # a stored 0 is no membership
     if c.nnz and (c.data < 0).any():

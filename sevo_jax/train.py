@@ -230,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: error: {' '.join(str(e).split())}{hint}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted; resume with --resume --out {args.out}\n")
+        if training.has_checkpoint(args.out):
+            sys.stderr.write(f"{PROG}: interrupted; resume with --resume --out {args.out}\n")
+        else:  # nothing of this run was kept (an overwritten run is back in place)
+            sys.stderr.write(f"{PROG}: interrupted before the run's first checkpoint; "
+                             "nothing to resume\n")
         return 130
     except Exception as e:  # out of host or device memory: one line, not XLA's traceback
         if not out_of_memory(e):

@@ -62,6 +62,10 @@ def test_category_graph_counts_memberships_not_stored_entries():
     np.testing.assert_array_equal(zero.data, before)  # the caller's matrix is not touched
     with pytest.raises(ValueError, match="NaN or inf"):
         sj.category_graph(np.array([[1.0], [np.nan]]))
+    with pytest.raises(ValueError, match="0/1 incidence matrix .* got the value 2"):
+        sj.category_graph(np.array([[2], [3], [2]]))  # category ids, not an incidence matrix
+    np.testing.assert_array_equal(sj.category_graph(np.array([[True], [False], [True]])).toarray(),
+                                  [[0, 0, 1], [0, 0, 0], [1, 0, 0]])
 
 
 def test_edge_list_graph():

@@ -162,6 +162,21 @@ def test_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path):
         _run(capsys, "--out", tmp_path / "o")
 
 
+def test_an_interrupt_says_whether_there_is_a_run_to_resume(capsys, monkeypatch, tmp_path,
+                                                            tiny_csv):
+    out = tmp_path / "o"
+    assert _run(capsys, "--data", tiny_csv, "--epochs", "1", *TINY, "--out", out)[0] == 0
+
+    def fit(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training, "fit", fit)
+    code, _, err = _run(capsys, "--data", tiny_csv, "--out", tmp_path / "new")
+    assert code == 130 and err.strip() == ("sevo-train: interrupted before the run's first "
+                                           "checkpoint; nothing to resume")
+    code, _, err = _run(capsys, "--data", tiny_csv, "--out", out, "--resume")
+    assert code == 130 and err.strip() == f"sevo-train: interrupted; resume with --resume --out {out}"
+
+
 def test_length_bucket_needs_a_sequence_model(capsys, tmp_path):
     _fails(capsys, ["--model", "mfbpr", "--length-bucket", "5", "--out", tmp_path / "o"],
            "--length-bucket applies to sequence models; mfbpr has no sequences")
