@@ -174,7 +174,8 @@ def test_an_interrupt_says_whether_there_is_a_run_to_resume(capsys, monkeypatch,
     assert code == 130 and err.strip() == ("sevo-train: interrupted before the run's first "
                                            "checkpoint; nothing to resume")
     code, _, err = _run(capsys, "--data", tiny_csv, "--out", out, "--resume")
-    assert code == 130 and err.strip() == f"sevo-train: interrupted; resume with --resume --out {out}"
+    assert code == 130 and err.strip() == ("sevo-train: interrupted; resume with --resume "
+                                           f"--out {out}")
 
 
 def test_length_bucket_needs_a_sequence_model(capsys, tmp_path):
