@@ -99,7 +99,16 @@ class MetricAccumulator:
         batch; every metric must have the same batch size.
         """
         values = {name: np.asarray(v, dtype=np.float64) for name, v in metrics.items()}
+        shapes = {name: v.shape for name, v in values.items()}
+        if any(len(shape) != 1 for shape in shapes.values()) or len(set(shapes.values())) > 1:
+            raise ValueError(f"metrics must be (B,) arrays of one batch size, got shapes {shapes}")
+        if self._sums and set(values) != set(self._sums):
+            raise ValueError(f"metrics {sorted(values)} differ from the earlier batches' "
+                             f"{sorted(self._sums)}")
         weight = None if mask is None else np.asarray(mask, dtype=np.float64)
+        if weight is not None and values and weight.shape != next(iter(shapes.values())):
+            raise ValueError(f"mask has shape {weight.shape}, the metrics "
+                             f"{next(iter(shapes.values()))}")
         for name, v in values.items():
             total = v.sum() if weight is None else (v * weight).sum()
             self._sums[name] = self._sums.get(name, 0.0) + float(total)

@@ -140,3 +140,17 @@ def test_accumulator_mask_and_reset():
     acc.reset()
     assert acc.compute() == {}
     assert acc.count == 0
+
+
+def test_accumulator_refuses_batches_it_would_average_wrongly():
+    acc = MetricAccumulator()
+    acc.update({"HR@1": np.ones(3), "NDCG@5": np.ones(3)})
+    with pytest.raises(ValueError, match="one batch size"):
+        acc.update({"HR@1": np.ones(3), "NDCG@5": np.ones(5)})  # was: NDCG@5 = 1.67
+    with pytest.raises(ValueError, match="mask has shape"):
+        acc.update({"HR@1": np.ones(3), "NDCG@5": np.ones(3)}, mask=np.ones(1, bool))
+    with pytest.raises(ValueError, match="one batch size"):
+        acc.update({"HR@1": np.ones((3, 1)), "NDCG@5": np.ones((3, 1))})
+    with pytest.raises(ValueError, match="differ from the earlier batches"):
+        acc.update({"HR@1": np.ones(3)})
+    assert acc.compute() == {"HR@1": 1.0, "NDCG@5": 1.0}
