@@ -162,13 +162,15 @@ def config_from_args(args: argparse.Namespace) -> training.TrainConfig:
     its content (the only thing here that reads the data)."""
     fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
-    placeholder = "synthetic" if args.data is None else "seqtxt"
+    # until the content says which, a file format that no setting is refused for
+    placeholder = "synthetic" if args.data is None else "csv"
     values.update(format=args.format or placeholder, progress=not args.no_progress,
                   compile_cache=not args.no_compile_cache)
     config = training.TrainConfig(**values)
     config.validate()
     if args.format is None and args.data is not None:
         config = dataclasses.replace(config, format=data_lib.detect_format(args.data))
+        config.validate()  # the settings that depend on the format (--keep-duplicates)
     return config
 
 
