@@ -209,15 +209,17 @@ def test_a_ctrl_c_during_a_save_is_raised_after_the_commit(tmp_path, monkeypatch
 
     from sevo_jax import checkpoint
 
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT has another handler in this process")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in sevo-train
     ckpts = checkpoint.RunCheckpoints(tmp_path / "c")
     monkeypatch.setattr(checkpoint, "fault_hook",
                         lambda stage, epoch: stage == "before-commit" and os.kill(
                             os.getpid(), signal.SIGINT))
-    with pytest.raises(KeyboardInterrupt):
-        ckpts.save(1, {"w": jnp.arange(4.0)}, {"progress": {}}, 0.5)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ckpts.save(1, {"w": jnp.arange(4.0)}, {"progress": {}}, 0.5)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert ckpts.all_epochs() == [1]
     np.testing.assert_array_equal(
         np.asarray(ckpts.restore({"w": jnp.zeros(4)})[0]["w"]), np.arange(4.0))
