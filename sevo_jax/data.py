@@ -503,15 +503,14 @@ def _split_fields(
 MISSING_IDS = frozenset({"", "na", "n/a", "nan", "null", "none"})
 
 
-def _ints_or_strings(tokens: list[str], what: str = "id", path: Path | None = None,
-                     line_of: Callable[[int], int] | None = None) -> np.ndarray:
+def _ints_or_strings(tokens: list[str], what: str, path: Path,
+                     line_of: Callable[[int], int]) -> np.ndarray:
     """Integer ids when every token is an integer (numeric order), else strings; surrounding
     spaces are not part of an id, and a missing one (``MISSING_IDS``) is a ``DataError``."""
     tokens = [t.strip() for t in tokens]
     missing = next((k for k, t in enumerate(tokens) if t.lower() in MISSING_IDS), None)
     if missing is not None:
-        where = f"{path}:{line_of(missing)}: " if path is not None and line_of else ""
-        raise DataError(f"{where}missing {what} ({tokens[missing]!r})")
+        raise DataError(f"{path}:{line_of(missing)}: missing {what} ({tokens[missing]!r})")
     try:
         return np.array(tokens, dtype=np.int64)
     except (ValueError, OverflowError):
@@ -904,6 +903,7 @@ def detect_format(path: PathLike) -> str:
         return "movielens"
     if "," in lines[0]:
         return "csv"
+    # the last of these lines may be cut short by the 64 KiB read: judge it only when alone
     if all(_looks_like_timed_row(line) for line in lines[:-1] or lines):
         raise DataError(
             f"{path}:1: {_snippet(lines[0])} looks like a whitespace-separated 'user item "

@@ -105,16 +105,16 @@ class MetricAccumulator:
         if self._sums and set(values) != set(self._sums):
             raise ValueError(f"metrics {sorted(values)} differ from the earlier batches' "
                              f"{sorted(self._sums)}")
+        if not values:
+            return
+        batch_shape = next(iter(shapes.values()))
         weight = None if mask is None else np.asarray(mask, dtype=np.float64)
-        if weight is not None and values and weight.shape != next(iter(shapes.values())):
-            raise ValueError(f"mask has shape {weight.shape}, the metrics "
-                             f"{next(iter(shapes.values()))}")
+        if weight is not None and weight.shape != batch_shape:
+            raise ValueError(f"mask has shape {weight.shape}, the metrics {batch_shape}")
         for name, v in values.items():
             total = v.sum() if weight is None else (v * weight).sum()
             self._sums[name] = self._sums.get(name, 0.0) + float(total)
-        if values:
-            size = next(iter(values.values())).shape[0]
-            self._count += float(size if weight is None else weight.sum())
+        self._count += float(batch_shape[0] if weight is None else weight.sum())
 
     @property
     def count(self) -> float:

@@ -1331,6 +1331,7 @@ def fit(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                          "or replace it")
     plan = mesh_plan(config)  # a bad --mesh fails here, before any data is read
     out = Path(config.out)
+
     def run(replace_previous: Callable[[], None]) -> dict:
         opened: list[checkpoint_lib.RunCheckpoints] = []
         try:
