@@ -108,6 +108,37 @@ def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
                           lax.shift_right_logical(x, np.uint32(32 - bits)))
 
 
+def _threefry_hash(key_words: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """Threefry-2x32 (20 rounds, unrolled) of the counters ``(0, i)``, ``i < size``, under
+    each key ``key_words (..., 2)``: the two output words, each ``(..., size)``."""
+    shape = key_words.shape[:-1] + (size,)
+    k0, k1 = (lax.broadcast_in_dim(key_words[..., j].astype(jnp.uint32), shape,
+                                   tuple(range(len(shape) - 1))) for j in range(2))
+    ks = (k0, k1, lax.bitwise_xor(lax.bitwise_xor(k0, k1), np.uint32(0x1BD11BDA)))
+    x0 = ks[0]
+    x1 = lax.add(lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1), ks[1])
+    for i in range(5):  # lax, not jnp operators: tracing the 20 rounds is 2-3x quicker
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x0 = lax.add(x0, x1)
+            x1 = lax.bitwise_xor(x0, _rotate_left(x1, r))
+        x0 = lax.add(x0, ks[(i + 1) % 3])
+        x1 = lax.add(lax.add(x1, ks[(i + 2) % 3]), np.uint32(i + 1))
+    return x0, x1
+
+
+def _unrolled_threefry(key: jax.Array, size: int) -> bool:
+    """Whether :func:`_threefry_hash` computes JAX's bits and splits of ``key``: a threefry key
+    in JAX's partitionable mode (``jax_threefry_partitionable``, the default)."""
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    flags: Any = jax.config  # its flags are attributes that mypy does not see
+    impl = str(jax.random.key_impl(key)) if typed else str(flags.jax_default_prng_impl)
+    return "threefry2x32" in impl and flags.jax_threefry_partitionable and size < 2**32
+
+
+def _key_words(key: jax.Array) -> jax.Array:
+    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
 def threefry_bits(key: jax.Array, size: int) -> jax.Array:
     """``jax.random.bits(key, (size,), jnp.uint32)``, bit for bit, for a threefry key.
 
@@ -123,23 +154,31 @@ def threefry_bits(key: jax.Array, size: int) -> jax.Array:
       >>> bool((threefry_bits(key, 5) == jax.random.bits(key, (5,), jnp.uint32)).all())
       True
     """
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    flags: Any = jax.config  # its flags are attributes that mypy does not see
-    impl = str(jax.random.key_impl(key)) if typed else str(flags.jax_default_prng_impl)
-    if "threefry2x32" not in impl or not flags.jax_threefry_partitionable or size >= 2**32:
+    if not _unrolled_threefry(key, size):
         return jax.random.bits(key, (size,), jnp.uint32)
-    words = jax.random.key_data(key) if typed else key
-    k0, k1 = words[..., 0].astype(jnp.uint32), words[..., 1].astype(jnp.uint32)
-    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
-    x0 = lax.broadcast(ks[0], (size,))
-    x1 = lax.add(lax.iota(jnp.uint32, size), ks[1])
-    for i in range(5):  # lax, not jnp operators: tracing the 20 rounds is 2-3x quicker
-        for r in _THREEFRY_ROTATIONS[i % 2]:
-            x0 = lax.add(x0, x1)
-            x1 = lax.bitwise_xor(x0, _rotate_left(x1, r))
-        x0 = lax.add(x0, ks[(i + 1) % 3])
-        x1 = lax.add(lax.add(x1, ks[(i + 2) % 3]), np.uint32(i + 1))
-    return lax.bitwise_xor(x0, x1)
+    return lax.bitwise_xor(*_threefry_hash(_key_words(key), size))
+
+
+def split_key_grid(key: jax.Array, rows: int, cols: int) -> jax.Array:
+    """``(rows, cols)`` keys, ``vmap(lambda k: split(k, cols))(split(key, rows))``, bit for bit.
+
+    For a threefry key (partitionable mode) both levels of splits are the unrolled hash of
+    :func:`threefry_bits`: JAX's rolled split loops compile slowly on XLA:CPU (0.5-0.75 s
+    each, BENCHMARKS.md). Typed keys give typed keys, raw ``uint32`` keys raw ones.
+
+    Examples:
+      >>> key = jax.random.PRNGKey(0)
+      >>> expected = jax.vmap(lambda k: jax.random.split(k, 3))(jax.random.split(key, 2))
+      >>> bool((split_key_grid(key, 2, 3) == expected).all())
+      True
+    """
+    if not _unrolled_threefry(key, max(rows, cols)):
+        return jax.vmap(lambda k: jax.random.split(k, cols))(jax.random.split(key, rows))
+    rows_keys = jnp.stack(_threefry_hash(_key_words(key), rows), axis=-1)
+    grid = jnp.stack(_threefry_hash(rows_keys, cols), axis=-1)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(grid, impl=jax.random.key_impl(key))
+    return grid
 
 
 def dropout_keep(key: jax.Array, keep_prob: float, shape: tuple[int, ...], bits: int = 32
@@ -488,38 +527,53 @@ def _bias_free_gru_step_vjp(w_input, w_recurrent, h, x, dh_new):
 
 
 def _dropped(x, key, rate):
-    """Inverted dropout of ``x`` with the mask drawn from ``key`` (identity at rate 0)."""
+    """Inverted dropout of ``x`` with the mask drawn from ``key`` (identity at rate 0):
+    ``(x * keep / (1 - rate), keep)``."""
     if rate == 0.0:
-        return x, 1.0
-    scale = dropout_keep(key, 1.0 - rate, x.shape) / (1.0 - rate)
-    return x * scale, scale
+        return x, None
+    keep = dropout_keep(key, 1.0 - rate, x.shape)
+    return x * (keep / (1.0 - rate)), keep
 
 
-def _group_keys(key, steps, groups):
-    """One dropout key per (time step, group): ``(T, G)`` keys."""
-    return jax.vmap(lambda k: jax.random.split(k, groups))(jax.random.split(key, steps))
+def _active_steps(valid):
+    """``(first, end)``, each ``(G,)``: every step at which some row of group ``g`` is valid
+    lies in ``[first[g], end[g])`` (an empty range for a group with no valid step)."""
+    any_valid = valid.any(axis=-1)                                   # (T, G)
+    steps = valid.shape[0]
+    has_any = any_valid.any(axis=0)
+    first = jnp.where(has_any, jnp.argmax(any_valid, axis=0), 0)
+    end = jnp.where(has_any, steps - jnp.argmax(any_valid[::-1], axis=0), 0)
+    return first, end
 
 
 def _groups_scan(w_input, w_recurrent, x, valid, key, rate):
-    """Forward: final state ``(G, S, d)`` and the state before every step ``(T, G, S, d)``."""
+    """Forward: final state ``(G, S, d)``, the state before every step ``(T, G, S, d)`` and
+    the dropout keep mask of every input ``(T, G, S, d_in)`` (``None`` at rate 0); both are
+    zeros outside each group's active steps.
+
+    One loop over the groups, each running its own active steps (:func:`_active_steps`), so the
+    program holds one copy of the GRU step however many groups there are."""
     steps, groups, size = valid.shape
-    features = w_recurrent.shape[0]
+    keys = split_key_grid(key, steps, groups)
+    first, end = _active_steps(valid)
+    h0 = jnp.zeros((size, w_recurrent.shape[0]), x.dtype)
 
-    def group_step(h, x_g, valid_g, key_g):
-        x_g, _ = _dropped(x_g, key_g, rate)
-        return jnp.where(valid_g[:, None], bias_free_gru_step(w_input, w_recurrent, h, x_g), h)
+    def group(saved, g):
+        def step(t, carry):
+            h, (before, kept) = carry
+            x_t, keep = _dropped(x[t, g], keys[t, g], rate)
+            new_h = bias_free_gru_step(w_input, w_recurrent, h, x_t)
+            if keep is not None:
+                kept = kept.at[t, g].set(keep)
+            return jnp.where(valid[t, g][:, None], new_h, h), (before.at[t, g].set(h), kept)
 
-    def time_step(h, inputs):
-        x_t, valid_t, keys_t = inputs
-        new_h = jnp.stack([
-            jax.lax.cond(valid_t[g].any(), group_step, lambda h, *_: h,
-                         h[g], x_t[g], valid_t[g], keys_t[g])
-            for g in range(groups)
-        ])
-        return new_h, h
+        h, saved = jax.lax.fori_loop(first[g], end[g], step, (h0, saved))
+        return saved, h
 
-    h0 = jnp.zeros((groups, size, features), x.dtype)
-    return jax.lax.scan(time_step, h0, (x, valid, _group_keys(key, steps, groups)))
+    before = jnp.zeros(valid.shape + h0.shape[-1:], x.dtype)
+    kept = jnp.zeros(x.shape, bool) if rate else None
+    (before, kept), last = jax.lax.scan(group, (before, kept), jnp.arange(groups))
+    return last, before, kept
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -528,41 +582,36 @@ def _masked_gru_groups(w_input, w_recurrent, x, valid, key, rate):
 
 
 def _masked_gru_groups_fwd(w_input, w_recurrent, x, valid, key, rate):
-    last, before = _groups_scan(w_input, w_recurrent, x, valid, key, rate)
-    return last, (w_input, w_recurrent, x, valid, key, before)
+    last, before, kept = _groups_scan(w_input, w_recurrent, x, valid, key, rate)
+    return last, (w_input, w_recurrent, x, valid, before, kept)
 
 
 def _masked_gru_groups_bwd(rate, residuals, d_last):
-    # Hand-written reverse pass: a group skips every step at which none of its rows is valid
-    # (JAX's own transpose of the forward scan does the full work at every step), and the
-    # dropout masks are redrawn from their keys instead of stored.
-    w_input, w_recurrent, x, valid, key, before = residuals
-    steps, groups, _ = valid.shape
+    # Hand-written reverse pass over each group's active steps only (JAX's own transpose of a
+    # scan does the full work at every step; a loop with dynamic bounds has no transpose),
+    # reading the forward's dropout masks (1 byte per input, not redrawn).
+    w_input, w_recurrent, x, valid, before, kept = residuals
+    groups = valid.shape[1]
+    first, end = _active_steps(valid)
 
-    def group_vjp(carry, h, x_g, valid_g, key_g, dh_g):
-        dw_i, dw_h = carry
-        x_g, scale = _dropped(x_g, key_g, rate)
-        dh_new = jnp.where(valid_g[:, None], dh_g, 0.0)
-        gw_i, gw_h, dh, dx = _bias_free_gru_step_vjp(w_input, w_recurrent, h, x_g, dh_new)
-        return (dw_i + gw_i, dw_h + gw_h), jnp.where(valid_g[:, None], dh, dh_g), dx * scale
+    def group(carry, g):
+        def step(i, carry):
+            dw_i, dw_h, dh, dx = carry
+            t = end[g] - 1 - i
+            valid_t = valid[t, g][:, None]
+            scale = 1.0 if kept is None else kept[t, g] / (1.0 - rate)
+            gw_i, gw_h, dh_before, dx_t = _bias_free_gru_step_vjp(
+                w_input, w_recurrent, before[t, g], x[t, g] * scale, jnp.where(valid_t, dh, 0.0))
+            return (dw_i + gw_i, dw_h + gw_h, jnp.where(valid_t, dh_before, dh),
+                    dx.at[t, g].set(dx_t * scale))
 
-    def skip(carry, h, x_g, valid_g, key_g, dh_g):
-        return carry, dh_g, jnp.zeros_like(x_g)
+        dw_i, dw_h, dx = carry
+        dw_i, dw_h, _, dx = jax.lax.fori_loop(0, end[g] - first[g], step,
+                                              (dw_i, dw_h, d_last[g], dx))
+        return (dw_i, dw_h, dx), None
 
-    def time_step(carry, inputs):
-        dws, dh = carry
-        x_t, valid_t, keys_t, h_t = inputs
-        dh_out, dx_out = [], []
-        for g in range(groups):
-            dws, dh_g, dx_g = jax.lax.cond(valid_t[g].any(), group_vjp, skip, dws, h_t[g],
-                                           x_t[g], valid_t[g], keys_t[g], dh[g])
-            dh_out.append(dh_g)
-            dx_out.append(dx_g)
-        return (dws, jnp.stack(dh_out)), jnp.stack(dx_out)
-
-    init = ((jnp.zeros_like(w_input), jnp.zeros_like(w_recurrent)), d_last)
-    inputs = (x, valid, _group_keys(key, steps, groups), before)
-    ((dw_i, dw_h), _), dx = jax.lax.scan(time_step, init, inputs, reverse=True)
+    init = (jnp.zeros_like(w_input), jnp.zeros_like(w_recurrent), jnp.zeros_like(x))
+    (dw_i, dw_h, dx), _ = jax.lax.scan(group, init, jnp.arange(groups))
     return dw_i, dw_h, dx, None, None
 
 
@@ -578,12 +627,14 @@ def masked_gru(w_input: jax.Array, w_recurrent: jax.Array, x: jax.Array, valid: 
     ``dropout`` drops input entries (inverted dropout, masks from ``dropout_key``) of valid
     steps, which is elementwise dropout on ``x`` (the padding steps' inputs are never read).
 
-    The batch is split into ``row_groups`` consecutive groups of rows, and a group skips
-    (``lax.cond``, forward and backward, dropout masks included) every step at which none of
-    its rows is valid. The function does not depend on ``row_groups`` (nor do the dropout
-    masks' distribution); with rows sorted by length and left-padded sequences of very
-    different lengths (GRU4Rec's prefixes: mean 8 of 50 positions on Beauty) skipping saves
-    most of the work.
+    The batch is split into ``row_groups`` consecutive groups of rows, and each group runs
+    (forward and backward, dropout masks included) only the steps from its first to its last
+    step with a valid row: one loop over the groups with one copy of the GRU step inside, so
+    the program's size and compile time do not grow with ``row_groups``. The function does
+    not depend on ``row_groups`` (nor does the dropout masks' distribution); with rows sorted
+    by length and left-padded sequences of very different lengths (GRU4Rec's prefixes: mean 8
+    of 50 positions on Beauty) skipping saves most of the work. The backward pass keeps the
+    forward's states ``(T, B, d)`` and dropout masks (one byte per input).
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")

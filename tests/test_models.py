@@ -370,19 +370,21 @@ def test_masked_gru_value_and_gradients_match_a_plain_scan(row_groups):
 
 def test_masked_gru_backward_with_dropout_matches_autodiff():
     """With dropout the custom backward (masks redrawn from their keys) equals JAX's autodiff
-    of the same forward pass."""
-    from sevo_jax.models import _groups_scan
-
+    of a plain scan over inputs dropped with the same masks: one key per (step, row group)."""
     w_i, w_h, x, valid = _gru_problem(batch=12)
-    key = jax.random.key(3)
-    groups = (x.shape[0], 3, 4)
-    x_g, valid_g = x.reshape(groups + x.shape[2:]), valid.reshape(groups)
+    key, groups, rate = jax.random.key(3), 3, 0.4
+    steps, batch, d_in = x.shape
+    keys = jax.vmap(lambda k: jax.random.split(k, groups))(jax.random.split(key, steps))
+    masks = jnp.stack([
+        jnp.concatenate([dropout_keep(keys[t, g], 1.0 - rate, (batch // groups, d_in))
+                         for g in range(groups)])
+        for t in range(steps)])
 
     def ours(w_i, w_h, x):
-        return masked_gru(w_i, w_h, x, valid, 3, 0.4, key).sum()
+        return masked_gru(w_i, w_h, x, valid, groups, rate, key).sum()
 
     def autodiff(w_i, w_h, x):
-        return _groups_scan(w_i, w_h, x.reshape(x_g.shape), valid_g, key, 0.4)[0].sum()
+        return _reference_gru(w_i, w_h, x * masks / (1.0 - rate), valid).sum()
 
     np.testing.assert_allclose(ours(w_i, w_h, x), autodiff(w_i, w_h, x), rtol=1e-6)
     ours_grads = jax.grad(ours, (0, 1, 2))(w_i, w_h, x)
