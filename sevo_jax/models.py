@@ -678,7 +678,7 @@ class GRU4Rec(nn.Module):
     the Dense output at the last non-padding position. Padding steps leave the GRU state
     unchanged, so left- and right-padded inputs give the same user vector (and an all-padding
     row gives ``Dense(0)``). ``row_groups`` (:func:`masked_gru`) only changes speed: on Beauty's
-    training prefixes the loss and gradient take 0.23x a plain scan's time on a CPU core
+    training prefixes the loss and gradient take 0.16-0.20x a plain scan's time on a CPU core
     (``benchmarks/bench_gru.py``).
     """
 
