@@ -402,6 +402,24 @@ def test_masked_gru_dropout_drops_the_rate_of_valid_inputs_only():
     assert abs(zeros[np.asarray(valid)].mean() - 0.4) < 0.02
 
 
+def test_masked_gru_holds_one_gru_step_whatever_the_row_groups():
+    """The program does not grow with ``row_groups`` (one loop over the groups, not a copy of
+    the step per group: GRU4Rec's compile time), and a group with no valid step is skipped
+    with zero gradients for its inputs."""
+    w_i, w_h, x, valid = _gru_problem(batch=12)
+    valid = valid.at[:, 8:].set(False)                   # the last of 3 groups is all padding
+
+    def dots(row_groups):
+        grad = jax.grad(lambda *a: masked_gru(*a, valid, row_groups, 0.4, jax.random.key(0))
+                        .sum(), (0, 1, 2))
+        return jax.jit(grad).lower(w_i, w_h, x).as_text().count("stablehlo.dot_general")
+
+    assert dots(1) == dots(3) == dots(12) == 8           # 2 forward, 6 in the reverse step
+    dx = jax.grad(lambda x: masked_gru(w_i, w_h, x, valid, 3, 0.4, jax.random.key(0)).sum())(x)
+    assert not np.asarray(dx[:, 8:]).any()
+    np.testing.assert_allclose(masked_gru(w_i, w_h, x, valid, 3)[8:], 0.0)
+
+
 def test_masked_gru_rejects_bad_dropout():
     w_i, w_h, x, valid = _gru_problem()
     with pytest.raises(ValueError, match="dropout must be in"):
