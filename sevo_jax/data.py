@@ -88,6 +88,12 @@ class SequenceDataset:
     users_dropped: int = 0
 
     def __post_init__(self):
+        for size in ("num_users", "num_items"):  # ids are stored as int32
+            value = getattr(self, size)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+                    or not 0 <= value < 2**31 - 1:
+                raise ValueError(f"{size} must be an integer in [0, 2^31 - 1), got {value!r}")
+            object.__setattr__(self, size, int(value))
         coerce = {
             "train_items": np.int32,
             "train_offsets": np.int64,
@@ -95,9 +101,14 @@ class SequenceDataset:
             "test": np.int32,
         }
         for field, dtype in coerce.items():
-            object.__setattr__(self, field, np.ascontiguousarray(getattr(self, field), dtype))
-        object.__setattr__(self, "num_users", int(self.num_users))
-        object.__setattr__(self, "num_items", int(self.num_items))
+            values = np.asarray(getattr(self, field))
+            if values.size and values.dtype.kind not in "iu":
+                raise TypeError(f"{field} must hold integers, got dtype {values.dtype}")
+            if field != "train_offsets" and values.size and (
+                    values.min() < 1 or values.max() > self.num_items):
+                raise ValueError(f"{field} holds item ids outside 1..num_items = "
+                                 f"{self.num_items}: {values.min()}..{values.max()}")
+            object.__setattr__(self, field, np.ascontiguousarray(values, dtype))
         object.__setattr__(self, "duplicates_dropped", int(self.duplicates_dropped))
         object.__setattr__(self, "users_dropped", int(self.users_dropped))
         if self.category_names is not None:
@@ -105,6 +116,8 @@ class SequenceDataset:
         off = self.train_offsets
         if off.shape != (self.num_users + 1,) or off[0] != 0 or off[-1] != self.train_items.size:
             raise ValueError("train_offsets must have shape (num_users + 1,) and span train_items")
+        if (np.diff(off) < 0).any():
+            raise ValueError("train_offsets must be non-decreasing")
         if self.valid.shape != (self.num_users,) or self.test.shape != (self.num_users,):
             raise ValueError("valid and test must have shape (num_users,)")
         if self.item_categories is not None:
@@ -982,8 +995,8 @@ def load_dataset(
     if cache.is_file():
         try:
             return SequenceDataset.load(cache)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # unreadable cache: rebuild it
+        except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile):
+            pass  # unreadable or inconsistent cache: rebuild it
     dataset = load()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,14 @@ def target_ranks(
     Returns:
         ``(B,)`` int32 ranks in ``0..N-2``.
     """
+    if jnp.ndim(scores) != 2 or jnp.shape(targets) != jnp.shape(scores)[:1]:
+        raise ValueError(f"target_ranks needs scores (B, N) and targets (B,), got "
+                         f"{jnp.shape(scores)} and {jnp.shape(targets)}")
+    if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+        raise TypeError(f"targets must be integer item ids, got {jnp.result_type(targets)}")
+    if exclude is not None and jnp.shape(exclude) != jnp.shape(scores):
+        raise ValueError(f"exclude must have the shape of scores {jnp.shape(scores)}, got "
+                         f"{jnp.shape(exclude)}")
     ids = jnp.arange(scores.shape[-1])
     is_target = ids[None, :] == targets[:, None]
     others = (ids[None, :] != 0) & ~is_target
@@ -65,6 +73,10 @@ def ranking_metrics(ranks: jax.Array, ks: Sequence[int] = (1, 5, 10)) -> dict[st
         A dict such as ``{"HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"}`` of
         ``(B,)`` float32 arrays.
     """
+    ks = tuple(ks)
+    if not ks or any(isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer))
+                     or k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks}")
     ranks = jnp.asarray(ranks)
     discount = 1.0 / jnp.log2(ranks.astype(jnp.float32) + 2.0)
     out = {}

@@ -275,6 +275,21 @@ def test_cache_is_used_on_the_second_call(tmp_path, monkeypatch):
     assert len(list(cache.glob("seq-*.npz"))) == 2
 
 
+def test_a_cache_entry_with_bad_ids_is_rebuilt(tmp_path):
+    """A cache file whose arrays a SequenceDataset refuses (ids out of range, floats) is
+    parsed again from the source, not read and not a traceback."""
+    src = _write(tmp_path / "seq.txt", "1 1 2 3 4\n2 2 3 4\n3 4 3 2 1\n")
+    cache = tmp_path / "cache"
+    first = data.load_dataset("seqtxt", src, cache_dir=cache)
+    [entry] = cache.glob("seq-*.npz")
+    with np.load(entry) as z:
+        arrays = dict(z)
+    for bad in ({"test": arrays["test"] + 100}, {"valid": arrays["valid"].astype(float)}):
+        with open(entry, "wb") as f:
+            np.savez(f, **{**arrays, **bad})
+        assert data.load_dataset("seqtxt", src, cache_dir=cache) == first
+
+
 def test_movielens_cache_follows_the_genre_file_beside_a_ratings_file(tmp_path):
     ml = tmp_path / "ml"
     ml.mkdir()
@@ -576,3 +591,22 @@ def test_csv_ids_are_stripped_and_missing_ids_refused(tmp_path):
                       ("u1,NA,9\n", "missing item id \\('NA'\\)")):
         with pytest.raises(DataError, match=r"c\.csv:31: " + what):
             data.load_csv(_write(tmp_path / "c.csv", plain + bad))
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(train_items=[1, 6, 3]), "train_items holds item ids outside 1..num_items = 5"),
+    (dict(valid=[0, 5]), "valid holds item ids outside"),
+    (dict(test=[5, -1]), "test holds item ids outside"),
+    (dict(train_items=np.array([1, 2, 2**40])), "outside 1..num_items"),  # not wrapped to int32
+    (dict(train_items=[1.5, 2.0, 3.0]), "train_items must hold integers"),  # not truncated
+    (dict(train_offsets=[0, 4, 3]), "non-decreasing"),
+    (dict(num_items=5.0), "num_items must be an integer"),
+    (dict(num_users=True), "num_users must be an integer"),
+    (dict(num_items=2**40), "num_items must be an integer in"),
+])
+def test_sequence_dataset_refuses_ids_it_would_misread(change, needle):
+    ok = dict(name="t", num_users=2, num_items=5, train_items=[1, 2, 3],
+              train_offsets=[0, 2, 3], valid=[4, 5], test=[5, 1])
+    assert SequenceDataset(**ok).num_items == 5
+    with pytest.raises((ValueError, TypeError), match=needle):
+        SequenceDataset(**{**ok, **change})

@@ -154,3 +154,21 @@ def test_accumulator_refuses_batches_it_would_average_wrongly():
     with pytest.raises(ValueError, match="differ from the earlier batches"):
         acc.update({"HR@1": np.ones(3)})
     assert acc.compute() == {"HR@1": 1.0, "NDCG@5": 1.0}
+
+
+@pytest.mark.parametrize("scores, targets, exclude, needle", [
+    (np.zeros((2, 5)), np.array([1, 2, 3]), None, "needs scores"),
+    (np.zeros(5), np.array([1]), None, "needs scores"),
+    (np.zeros((2, 5)), np.array([1.0, 2.0]), None, "must be integer item ids"),
+    (np.zeros((2, 5)), np.array([1, 2]), np.zeros((2, 4), bool), "shape of scores"),
+])
+def test_target_ranks_refuses_mismatched_inputs(scores, targets, exclude, needle):
+    with pytest.raises((ValueError, TypeError), match=needle):
+        target_ranks(jnp.asarray(scores), jnp.asarray(targets),
+                     None if exclude is None else jnp.asarray(exclude))
+
+
+@pytest.mark.parametrize("ks", [(), (0, 5), (True,), (2.5,), (-1,)])
+def test_ranking_metrics_refuses_bad_ks(ks):
+    with pytest.raises(ValueError, match="ks must be positive integers"):
+        ranking_metrics(jnp.array([0, 3]), ks)
