@@ -145,6 +145,16 @@ class TrainConfig:
                 raise ConfigError(name, f"applies to {', '.join(OPTIMIZER_FIELDS[name])} only; "
                                   f"{self.optimizer} does not use it")
         self._refuse_settings_without_effect(unset, defaults)
+        if self.lr_decay_factor > 1.0:  # a growing learning rate must stay a float32
+            lr = self.lr if self.lr is not None else defaults.lr
+            epochs = self.epochs if self.epochs is not None else defaults.epochs
+            assert lr is not None and epochs is not None  # resolved() sets both
+            growths = (epochs - 1) // self.lr_decay_every
+            peak = math.log10(lr) + growths * math.log10(self.lr_decay_factor)
+            if growths and peak >= math.log10(float(np.finfo(np.float32).max)):
+                raise ConfigError("lr_decay_factor", f"{self.lr_decay_factor:g} takes the "
+                                  f"learning rate {lr:g} to about 1e{peak:.0f} by epoch "
+                                  f"{growths * self.lr_decay_every + 1}, beyond float32")
         if self.length_bucket is not None and self.model == "mfbpr":
             raise ConfigError("length_bucket", "applies to sequence models; mfbpr has no "
                               "sequences")
@@ -1041,8 +1051,14 @@ def evaluate(config: TrainConfig, scorer: Callable, params: Any, ds: data_lib.Se
     metrics = acc.compute()
     if not all(np.isfinite(v) for v in metrics.values()):
         raise FloatingPointError(f"the {split} scores are NaN or inf (the parameters "
-                                 "overflowed); lower --lr or check the data")
+                                 f"overflowed); lower {_learning_rate_flags(config)} or check "
+                                 "the data")
     return metrics
+
+
+def _learning_rate_flags(config: TrainConfig) -> str:
+    """The flags that set the learning rate, for a message about a run that diverged."""
+    return "--lr" + (" or --lr-decay-factor" if config.lr_decay_factor > 1 else "")
 
 
 # ---- progress ------------------------------------------------------------------------------------
@@ -1461,7 +1477,7 @@ def _fit_in_folder(config: TrainConfig, plan: sharding_lib.MeshPlan | None, out:
             record["batch_rows"] = round(float(np.mean(rows)), 2)  # packed rows per batch
         if not np.isfinite(record["loss"]):
             raise FloatingPointError(f"training loss became {record['loss']} at epoch {epoch}; "
-                                     "lower --lr or check the data")
+                                     f"lower {_learning_rate_flags(config)} or check the data")
         progress.epoch = epoch
         if epoch % config.eval_every == 0 or epoch == epochs:
             valid = evaluate(config, scorer, params, ds, "valid", plan)

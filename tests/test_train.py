@@ -312,6 +312,19 @@ def test_parameters_that_overflow_in_the_last_update_are_an_error(capsys, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_a_learning_rate_that_grows_out_of_float32_is_an_error(capsys, tmp_path, tiny_csv):
+    """A growing --lr-decay-factor is named: before the run when the schedule leaves float32,
+    in the non-finite loss message when it only diverges."""
+    base = ["--data", tiny_csv, *TINY, "--lr-decay-every", "1", "--out", tmp_path / "o"]
+    _fails(capsys, base + ["--epochs", "3", "--lr-decay-factor", "1e300"],
+           "--lr-decay-factor 1e+300 takes the learning rate 0.001 to about 1e597 by epoch 3")
+    assert not (tmp_path / "o").exists()
+    _fails(capsys, base + ["--epochs", "3", "--lr-decay-factor", "1e18"],
+           "lower --lr or --lr-decay-factor")
+    dataclasses.replace(training.TrainConfig(), lr_decay_factor=1e30, lr_decay_every=1,
+                        epochs=1).validate()   # never grows within the run
+
+
 def test_a_graph_without_edges_is_an_error(capsys, tmp_path):
     path = tmp_path / "seq.txt"  # --maxlen 1: no two items co-occur
     path.write_text("".join(f"{u} " + " ".join(str(1 + (u + k) % 9) for k in range(6)) + "\n"
