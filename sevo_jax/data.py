@@ -935,7 +935,10 @@ def _looks_like_timed_row(line: str) -> bool:
 
 
 def _fingerprint(fmt: str, path: Path, kcore: int, min_len: int, keep_duplicates: bool) -> str:
-    """Hash of the format, absolute path, size and mtime of the input(s) and the filters.
+    """Hash of the format, absolute path, size, mtime and ctime of the input(s) and the
+    filters. The ctime (the inode's last change, which no tool can set back) catches a file
+    rewritten with its old size and mtime (``cp -p``, ``rsync -t``); a ``chmod`` or ``touch``
+    changes it too, and only costs a re-parse.
 
     MovieLens inputs are the files the loader reads: the ratings and, beside them, the item
     and genre files (not the rest of the folder, which may hold the cache itself)."""
@@ -943,7 +946,8 @@ def _fingerprint(fmt: str, path: Path, kcore: int, min_len: int, keep_duplicates
         files = [p for p in _movielens_files(path) if isinstance(p, Path)]
     else:
         files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamp = [(p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+             for p, st in ((p, p.stat()) for p in files)]
     key = [_CACHE_VERSION, fmt, str(path.resolve()), stamp, kcore, min_len, keep_duplicates]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
@@ -967,7 +971,7 @@ def load_dataset(
     """Load a data set of format ``fmt`` (one of :data:`FORMATS`) from ``path``.
 
     With ``cache_dir`` the processed data set is stored as ``<cache_dir>/<name>-<hash>.npz``
-    (the hash covers format, absolute path, size and mtime of the input, ``kcore``,
+    (the hash covers format, absolute path, size, mtime and ctime of the input, ``kcore``,
     ``min_len`` and ``keep_duplicates``) and later calls read it instead of re-parsing.
     ``"synthetic"`` ignores ``path`` and ``cache_dir`` and forwards ``kwargs`` to
     :func:`synthetic`.

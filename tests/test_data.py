@@ -275,6 +275,23 @@ def test_cache_is_used_on_the_second_call(tmp_path, monkeypatch):
     assert len(list(cache.glob("seq-*.npz"))) == 2
 
 
+def test_a_file_rewritten_with_its_old_size_and_mtime_is_parsed_again(tmp_path):
+    """``cp -p`` of another file of the same size: size and mtime match the cache entry's,
+    the inode's change time does not."""
+    import os
+
+    src = _write(tmp_path / "seq.txt", "1 1 2 3 4\n2 2 3 4\n3 4 3 2 1\n")
+    cache = tmp_path / "cache"
+    first = data.load_dataset("seqtxt", src, cache_dir=cache)
+    stat = src.stat()
+    time.sleep(0.01)
+    src.write_text("1 1 2 3 4\n2 2 3 4\n3 4 3 2 5\n")   # same size, item 5 is new
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert src.stat().st_size == stat.st_size and src.stat().st_mtime_ns == stat.st_mtime_ns
+    again = data.load_dataset("seqtxt", src, cache_dir=cache)
+    assert again != first and again.num_items == 5
+
+
 def test_a_cache_entry_with_bad_ids_is_rebuilt(tmp_path):
     """A cache file whose arrays a SequenceDataset refuses (ids out of range, floats) is
     parsed again from the source, not read and not a traceback."""
