@@ -640,6 +640,16 @@ def masked_gru(w_input: jax.Array, w_recurrent: jax.Array, x: jax.Array, valid: 
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if dropout and dropout_key is None:
         raise ValueError("dropout > 0 needs a dropout_key")
+    if isinstance(row_groups, (bool, np.bool_)) or not isinstance(row_groups, (int, np.integer)) \
+            or row_groups < 1:
+        raise ValueError(f"row_groups must be a positive integer, got {row_groups!r}")
+    if x.ndim != 3 or valid.shape != x.shape[:2]:
+        raise ValueError(f"masked_gru needs time-major x (T, B, d_in) and valid (T, B), got "
+                         f"{x.shape} and {valid.shape}")
+    d = w_recurrent.shape[0]
+    if w_recurrent.shape != (d, 3 * d) or w_input.shape != (x.shape[-1], 3 * d):
+        raise ValueError(f"masked_gru needs w_input (d_in, 3d) and w_recurrent (d, 3d) with "
+                         f"d_in = {x.shape[-1]}, got {w_input.shape} and {w_recurrent.shape}")
     steps, batch, d_in = x.shape
     pad = -batch % row_groups
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(steps, row_groups, -1, d_in)

@@ -420,8 +420,17 @@ def test_masked_gru_holds_one_gru_step_whatever_the_row_groups():
     np.testing.assert_allclose(masked_gru(w_i, w_h, x, valid, 3)[8:], 0.0)
 
 
-def test_masked_gru_rejects_bad_dropout():
+def test_masked_gru_rejects_bad_arguments():
     w_i, w_h, x, valid = _gru_problem()
+    for row_groups in (0, 2.5, True):
+        with pytest.raises(ValueError, match="row_groups must be a positive integer"):
+            masked_gru(w_i, w_h, x, valid, row_groups)
+    with pytest.raises(ValueError, match=r"valid \(T, B\), got \(7, 11, 5\) and \(7, 10\)"):
+        masked_gru(w_i, w_h, x, valid[:, :10], 3)
+    with pytest.raises(ValueError, match="w_recurrent \\(d, 3d\\)"):
+        masked_gru(w_i, w_h[:, :9], x, valid, 3)
+    with pytest.raises(ValueError, match="d_in = 5"):
+        masked_gru(w_i[:4], w_h, x, valid, 3)
     with pytest.raises(ValueError, match="dropout must be in"):
         masked_gru(w_i, w_h, x, valid, dropout=1.0, dropout_key=jax.random.key(0))
     with pytest.raises(ValueError, match="needs a dropout_key"):
