@@ -172,6 +172,10 @@ def split_key_grid(key: jax.Array, rows: int, cols: int) -> jax.Array:
       >>> bool((split_key_grid(key, 2, 3) == expected).all())
       True
     """
+    for name, count in (("rows", rows), ("cols", cols)):
+        if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)) \
+                or count < 0:
+            raise ValueError(f"split_key_grid needs a non-negative integer {name}, got {count!r}")
     if not _unrolled_threefry(key, max(rows, cols)):
         return jax.vmap(lambda k: jax.random.split(k, cols))(jax.random.split(key, rows))
     rows_keys = jnp.stack(_threefry_hash(_key_words(key), rows), axis=-1)

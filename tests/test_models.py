@@ -26,6 +26,7 @@ from sevo_jax.models import (
     same_segment,
     sasrec_loss,
     sevo_mask,
+    split_key_grid,
     stosa_loss,
     table_cross_entropy,
     threefry_bits,
@@ -400,6 +401,20 @@ def test_masked_gru_dropout_drops_the_rate_of_valid_inputs_only():
     assert not dropped[np.asarray(valid)].any()
     assert zeros[~np.asarray(valid)].all()                       # padding steps are never read
     assert abs(zeros[np.asarray(valid)].mean() - 0.4) < 0.02
+
+
+@pytest.mark.parametrize("key", [jax.random.PRNGKey(5), jax.random.key(7),
+                                 jax.random.key(7, impl="rbg")])
+def test_split_key_grid_is_jax_split_twice(key):
+    expected = jax.vmap(lambda k: jax.random.split(k, 8))(jax.random.split(key, 50))
+    got = jax.jit(split_key_grid, static_argnums=(1, 2))(key, 50, 8)
+    assert got.dtype == expected.dtype
+    data = jax.random.key_data if jnp.issubdtype(got.dtype, jax.dtypes.prng_key) else np.asarray
+    np.testing.assert_array_equal(data(got), data(expected))
+    assert split_key_grid(key, 0, 3).shape[:2] == (0, 3)
+    for rows in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="non-negative integer rows"):
+            split_key_grid(key, rows, 3)
 
 
 def test_masked_gru_holds_one_gru_step_whatever_the_row_groups():
