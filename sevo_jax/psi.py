@@ -63,7 +63,8 @@ def check_hyperparameters(beta: Any, num_layers: Any, approx: str) -> None:
     """Validate psi's settings: ``0 <= beta < 1``, integer ``num_layers >= 0``, a known ``approx``.
 
     Values are checked when concrete (Python numbers, numpy or JAX arrays known now); traced
-    ones (``optax.inject_hyperparams`` under ``jax.jit``) only by dtype.
+    ones (``optax.inject_hyperparams`` under ``jax.jit``) here only by dtype, and out of range
+    they make psi's result NaN (``smooth_finite_rows``).
 
     Examples:
       >>> check_hyperparameters(0.99, 3, "neumann")
@@ -148,10 +149,17 @@ def psi_recursion(
 
 def smooth_finite_rows(matmul: Callable[[jax.Array], jax.Array], x: jax.Array, beta: Any,
                        num_layers: Any, approx: str) -> jax.Array:
-    """``psi`` of ``x`` with non-finite rows kept out and given back as they were (module doc)."""
+    """``psi`` of ``x`` with non-finite rows kept out and given back as they were (module doc).
+
+    Traced settings outside their range (``beta`` not in [0, 1), ``num_layers < 0``) give an
+    all-NaN result: they cannot raise under ``jax.jit``, and must not pass silently."""
     finite = jnp.all(jnp.isfinite(x), axis=1, keepdims=True)
     y = psi_recursion(matmul, jnp.where(finite, x, 0), beta, num_layers, approx)
-    return jnp.where(finite, y, x)
+    y = jnp.where(finite, y, x)
+    if is_concrete((beta, num_layers)):  # checked by check_hyperparameters already
+        return y
+    in_range = (beta >= 0) & (beta < 1) & (jnp.asarray(num_layers) >= 0)
+    return jnp.where(in_range, y, jnp.nan).astype(y.dtype)
 
 
 def propagate(

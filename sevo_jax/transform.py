@@ -201,7 +201,8 @@ def sevo_smooth(
         numpy arrays as hyperparameters (or name it in ``static_args``).
       beta: smoothing strength in [0, 1); 0 is the identity. May be an array or, inside
         ``optax.inject_hyperparams``, traced (a schedule, or ``state.hyperparams["beta"]``);
-        the range is checked when the value is concrete.
+        the range is checked when the value is concrete; a traced value out of range makes
+        the smoothed tables' updates NaN (it cannot raise under ``jax.jit``).
       num_layers: number L >= 0 of sparse products; 0 is the identity for ``neumann``. May be
         traced like ``beta`` (the loop then becomes a ``while_loop``: not reverse-differentiable
         through the optimizer, which nothing here needs).

@@ -269,6 +269,27 @@ def test_injected_values_are_validated_when_concrete(bad, needle):
         opt.init(make_params())
 
 
+@pytest.mark.parametrize("name,value", [("beta", 1.0), ("beta", 1.5), ("beta", -0.1),
+                                        ("num_layers", -1)])
+def test_injected_values_out_of_range_under_jit_give_nan_not_a_silent_update(name, value):
+    """A traced setting cannot raise under jit: the smoothed table's update is NaN instead,
+    the other leaves and an in-range setting are untouched."""
+    params, grads = make_params(), make_grads()
+    opt = optax.inject_hyperparams(sj.sevo_adamw)(LR, A, weight_decay=WD, mask=MASK)
+    state = opt.init(params)
+    step = jax.jit(opt.update)
+    good = step(grads, state, params)[0]
+    state.hyperparams[name] = jnp.asarray(value, state.hyperparams[name].dtype)
+    bad = step(grads, state, params)[0]
+    assert np.all(np.isnan(np.asarray(bad["emb"])))
+    equal(bad["w"], good["w"])
+    graph = sj.as_normalized_graph(A)
+    traced = jax.jit(lambda x, b, n: sj.propagate(graph, x, b, n))
+    assert np.all(np.isnan(np.asarray(traced(grads["emb"], *(
+        (value, 3) if name == "beta" else (0.9, value))))))
+    close(traced(grads["emb"], 0.9, 3), sj.propagate(graph, grads["emb"], 0.9, 3), 1e-6)
+
+
 def test_zeros_like_reset_is_a_fresh_init():
     params, grads = make_params(), make_grads()
     opt = sevo()
