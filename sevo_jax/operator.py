@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import weakref
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -744,7 +746,21 @@ flax.serialization.register_serialization_state(
 )
 
 
-_CACHE: dict[int, tuple[Any, NormalizedGraph]] = {}
+_CACHE: dict[int, tuple[Any, tuple, NormalizedGraph]] = {}
+
+
+def _contents(adjacency: Any) -> tuple:
+    """What an in-place edit of a numpy or scipy adjacency changes: its shape and the shape,
+    dtype and CRC-32 of each host buffer (about 2 GB/s). JAX values are immutable: ()."""
+    if isinstance(adjacency, np.ndarray):
+        buffers = {"array": adjacency}
+    elif sp.issparse(adjacency):
+        buffers = {k: v for k, v in vars(adjacency).items() if isinstance(v, np.ndarray)}
+    else:
+        return ()
+    return (np.shape(adjacency),) + tuple(
+        (name, b.shape, b.dtype.str, zlib.crc32(np.ascontiguousarray(b).data))
+        for name, b in sorted(buffers.items()))
 
 
 def as_normalized_graph(adjacency: Any) -> NormalizedGraph:
@@ -754,8 +770,9 @@ def as_normalized_graph(adjacency: Any) -> NormalizedGraph:
     ``jax.experimental.sparse.BCOO``, or a ``NormalizedGraph`` (returned unchanged). The result
     is cached by the identity of ``adjacency`` (while it is alive), so factories called again
     with the same object (``optax.inject_hyperparams`` re-calls them in every update) do not
-    normalise it again; do not modify an adjacency in place after passing it. The operator
-    keeps a host copy of ``Ã`` (12 bytes per non-zero) besides each state's device copy.
+    normalise it again; a numpy or scipy adjacency edited in place since is normalised anew
+    (a CRC of its buffers is compared at each call). The operator keeps a host copy of ``Ã``
+    (12 bytes per non-zero) besides each state's device copy.
 
     Examples:
       >>> g = as_normalized_graph(np.array([[0.0, 2.0], [2.0, 0.0]]))
@@ -766,17 +783,16 @@ def as_normalized_graph(adjacency: Any) -> NormalizedGraph:
     if isinstance(adjacency, NormalizedGraph):
         return adjacency
     hit = _CACHE.get(id(adjacency))
-    if hit is not None and hit[0]() is adjacency:
-        return hit[1]
+    contents = _contents(adjacency)
+    if hit is not None and hit[0]() is adjacency and hit[1] == contents:
+        return hit[2]
     graph = NormalizedGraph.from_scipy(normalized_scipy(adjacency))
     try:
-        import weakref
-
         key = id(adjacency)
         ref = weakref.ref(adjacency, lambda _: _CACHE.pop(key, None))
     except TypeError:  # an object without weak references: not cached
         return graph
-    _CACHE[key] = (ref, graph)
+    _CACHE[key] = (ref, contents, graph)
     return graph
 
 

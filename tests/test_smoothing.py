@@ -297,6 +297,29 @@ def test_row_gather_and_scatter_match_numpy_indexing():
         assert "compare" not in hlo and "select" not in hlo, f.__name__
 
 
+@pytest.mark.parametrize("kind", ["csr", "coo", "dense"])
+def test_an_adjacency_edited_in_place_is_normalised_anew(kind):
+    """The cache by identity must not hand back the graph of the matrix before an edit."""
+    rng = np.random.default_rng(0)
+    dense = random_graph(rng, 6, isolated=False)
+    a = {"csr": sp.csr_matrix, "coo": sp.coo_matrix, "dense": np.array}[kind](dense)
+    first = sj.as_normalized_graph(a)
+    assert sj.as_normalized_graph(a) is first  # unchanged: the cached operator
+    if kind == "dense":
+        a[:] = 1.0 + a ** 2 * (a > 0)  # a complete graph now, still symmetric
+    else:
+        a.data[:] = 1.0 + a.data ** 2  # entrywise, so still symmetric
+    edited = sj.as_normalized_graph(a)
+    assert edited is not first
+    fresh = sj.as_normalized_graph(sp.csr_matrix(a).copy())
+    np.testing.assert_allclose(edited.to_scipy().toarray(), fresh.to_scipy().toarray(), rtol=1e-6)
+    assert not np.allclose(edited.to_scipy().toarray(), first.to_scipy().toarray())
+    tx = sj.sevo_smooth(a, beta=0.5, num_layers=1)
+    x = jnp.asarray(rng.standard_normal((6, 2)), jnp.float32)
+    np.testing.assert_allclose(tx.update(x, tx.init(x))[0], sj.propagate(fresh, x, 0.5, 1),
+                               rtol=1e-6)
+
+
 def test_matmul_needs_one_row_per_node():
     """A table of another row count is an error, not a clamped or truncated product."""
     g = sj.as_normalized_graph(np.ones((6, 6)) - np.eye(6))
