@@ -25,6 +25,7 @@ from sevo_jax.operator import (
     NormalizedGraph,
     as_normalized_graph,
     check_impl,
+    memo_by_adjacency,
     normalized_scipy,
 )
 from sevo_jax.operator_sharded import ShardedGraph, check_axis, shard_normalized
@@ -343,15 +344,19 @@ def sharded_graph_factory(adjacency: Any, mesh: Any, axis_name: Any):
             return prebuilt
 
         return prebuilt.num_nodes, from_prebuilt
-    host = normalized_scipy(adjacency)
-    built: dict[Any, ShardedGraph] = {}
+    # one host copy and one layout per segments for this adjacency, mesh and axis, however
+    # often the factory runs (optax.inject_hyperparams runs it at every update); layouts are
+    # kept abstract (host blocks only), as init uploads fresh arrays from them anyway
+    memo: tuple[Any, dict[Any, Any]] = memo_by_adjacency(
+        adjacency, (ShardedGraph, mesh, axis_name), lambda: (normalized_scipy(adjacency), {}))
+    host, built = memo
 
     def build(segments):
         if segments is None:
             segments = built.get("last", (host.shape[0],))
         segments = tuple(segments)
         if segments not in built:
-            built[segments] = shard_normalized(host, mesh, axis_name, segments)
+            built[segments] = shard_normalized(host, mesh, axis_name, segments).abstract()
         built["last"] = segments
         return built[segments]
 

@@ -458,6 +458,49 @@ def test_one_device_mesh_in_process():
         np.testing.assert_allclose(np.asarray(upd[k]), np.asarray(ref[k]), rtol=1e-6, atol=1e-7)
 
 
+def test_sharded_factory_normalises_and_blocks_once_per_adjacency(monkeypatch):
+    """optax.inject_hyperparams runs the factory at every update: the host graph and its layout
+    are built once for the adjacency (again after an in-place edit), not at every call."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import scipy.sparse as sp
+
+    import sevo_jax as sj
+    from sevo_jax import transform
+
+    calls = {"normalized_scipy": 0, "shard_normalized": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(transform, name, counted(name, getattr(transform, name)))
+    rng = np.random.default_rng(2)
+    dense = rng.random((8, 8)) * (rng.random((8, 8)) < 0.5)
+    a = sp.csr_matrix(np.triu(dense, 1) + np.triu(dense, 1).T)
+    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    inj = optax.inject_hyperparams(sj.sevo_smooth, static_args=("mesh",))(
+        a, beta=0.5, num_layers=2, mesh=mesh, axis_name="x")
+    x = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
+    state = inj.init(x)
+    for _ in range(3):
+        upd, state = inj.update(x, state)
+    assert calls == {"normalized_scipy": 1, "shard_normalized": 1}
+    np.testing.assert_allclose(np.asarray(upd), np.asarray(
+        sj.propagate(sj.as_normalized_graph(a), x, 0.5, 2)), rtol=1e-6, atol=1e-7)
+    a.data[:] = 1.0 + a.data ** 2  # edited in place: built again
+    state = inj.init(x)
+    upd, _ = inj.update(x, state)
+    assert calls == {"normalized_scipy": 2, "shard_normalized": 2}
+    np.testing.assert_allclose(np.asarray(upd), np.asarray(
+        sj.propagate(sj.as_normalized_graph(a.copy()), x, 0.5, 2)), rtol=1e-6, atol=1e-7)
+
+
 def test_prebuilt_sharded_graph_and_serialization():
     """A ShardedGraph may be passed as the adjacency; the state round-trips through flax."""
     import flax.serialization
