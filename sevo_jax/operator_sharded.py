@@ -160,15 +160,17 @@ class HostBlocks:
     def __hash__(self) -> int:
         return hash(self._key())
 
-    @property
-    def sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PSpec(self.axis_name))
+    def sharding(self, ndim: int) -> NamedSharding:
+        """Rows over the axis, written for all ``ndim`` dimensions as ``jax.jit`` writes its
+        outputs' (``P('x')`` and ``P('x', None)`` are the same layout but different cache keys:
+        a state from ``init`` would compile a user's jitted update twice)."""
+        return NamedSharding(self.mesh, PSpec(self.axis_name, *(None,) * (ndim - 1)))
 
     def specs(self, sharded: bool = True) -> tuple[jax.ShapeDtypeStruct, ...]:
-        sh = self.sharding if sharded else None
-        return (jax.ShapeDtypeStruct(self.indices.shape, jnp.int32, sharding=sh),
-                jax.ShapeDtypeStruct(self.weights.shape, jnp.float32, sharding=sh),
-                jax.ShapeDtypeStruct(self.tags.shape, jnp.int32, sharding=sh))
+        return tuple(jax.ShapeDtypeStruct(x.shape, dtype,
+                                          sharding=self.sharding(x.ndim) if sharded else None)
+                     for x, dtype in ((self.indices, jnp.int32), (self.weights, jnp.float32),
+                                      (self.tags, jnp.int32)))
 
     def block(self, k: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Device ``k``'s block of each leaf, with a leading axis of 1."""
@@ -340,10 +342,9 @@ class ShardedGraph(GraphOperator):
           >>> g.fresh().weights is g.weights
           False
         """
-        sharding = self.host.sharding
-
         def put(host):
-            return jax.make_array_from_callback(host.shape, sharding, lambda i: np.array(host[i]))
+            return jax.make_array_from_callback(host.shape, self.host.sharding(host.ndim),
+                                                lambda i: np.array(host[i]))
 
         return ShardedGraph(self.host, put(self.host.indices), put(self.host.weights),
                             put(self.host.tags))
