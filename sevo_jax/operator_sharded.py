@@ -278,6 +278,11 @@ class ShardedGraph(GraphOperator):
         n_local = sum(local)
         rows_spec = PSpec(axis, None)
         explicit = mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Explicit
+        # in explicit mode each result gets back its table's layout where that is on a mesh
+        # (psi must not move a replicated table's update to rows: the step would recompile)
+        layouts = [jax.typeof(t).sharding.spec
+                   if explicit and jax.typeof(t).sharding.mesh.axis_names else None
+                   for t in tables]
         padded = []
         for t, s, m in zip(tables, self.segments, local, strict=True):
             if m * num_shards != s:
@@ -312,11 +317,13 @@ class ShardedGraph(GraphOperator):
             out_specs=(rows_spec,) * num_tables,
         )(self.indices, self.weights, *padded, *operands)
         result = []
-        for o, s, m in zip(outs, self.segments, local, strict=True):
+        for o, s, m, layout in zip(outs, self.segments, local, layouts, strict=True):
             if m * num_shards != s:
                 if explicit:
                     o = jax.sharding.reshard(o, NamedSharding(mesh, PSpec()))
                 o = o[:s]
+            if layout is not None and jax.typeof(o).sharding.spec != layout:
+                o = jax.sharding.reshard(o, NamedSharding(mesh, layout))
             result.append(o)
         return result
 

@@ -552,6 +552,43 @@ def test_a_jitted_sharded_update_compiles_once_from_the_init_state():
         sj.propagate(sj.as_normalized_graph(a), x, 0.5, 2)), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("table_spec", [("x", None), ()])
+def test_psi_keeps_a_placed_tables_layout_and_compiles_as_plain_adamw(table_spec):
+    """On an explicit mesh psi's result gets its table's layout back: a replicated table's
+    update was returned row-sharded, and the jitted step compiled once more than AdamW's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import sevo_jax as sj
+
+    rng = np.random.default_rng(5)
+    dense = rng.random((40, 40)) * (rng.random((40, 40)) < 0.2)
+    a = np.triu(dense, 1) + np.triu(dense, 1).T
+    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+    params = {"emb": jax.device_put(jnp.asarray(rng.standard_normal((40, 4)), jnp.float32),
+                                    NamedSharding(mesh, P(*table_spec))),
+              "w": jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P()))}
+    mask = {"emb": True, "w": False}
+    compiles, updates = [], []
+    for tx in (sj.sevo_adamw(1e-2, a, mask=mask, mesh=mesh, axis_name="x"), optax.adamw(1e-2)):
+        def step(p, s, tx=tx):
+            u, s = tx.update(p, s, p)
+            return optax.apply_updates(p, u), s, u
+
+        jitted, p, s = jax.jit(step), params, tx.init(params)
+        for _ in range(4):
+            p, s, u = jitted(p, s)
+        compiles.append(jitted._cache_size())
+        updates.append(u)
+    assert compiles[0] == compiles[1]
+    assert jax.typeof(updates[0]["emb"]).sharding.spec == jax.typeof(params["emb"]).sharding.spec
+
+
 def test_prebuilt_sharded_graph_and_serialization():
     """A ShardedGraph may be passed as the adjacency; the state round-trips through flax."""
     import flax.serialization
