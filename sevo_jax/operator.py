@@ -757,6 +757,8 @@ def _contents(adjacency: Any) -> tuple:
     if isinstance(adjacency, np.ndarray):
         buffers = {"array": adjacency}
     elif sp.issparse(adjacency):
+        if adjacency.format in ("lil", "dok"):  # Python lists or a dict: compare a COO copy
+            adjacency = adjacency.tocoo()
         buffers = {k: v for k, v in vars(adjacency).items() if isinstance(v, np.ndarray)}
     else:
         return ()
@@ -774,7 +776,7 @@ def memo_by_adjacency(adjacency: Any, key: Hashable, make: Callable[[], T]) -> T
 
     Examples:
       >>> a = np.eye(2)
-      >>> memo_by_adjacency(a, "k", lambda: "built") , memo_by_adjacency(a, "k", lambda: "new")
+      >>> memo_by_adjacency(a, "k", lambda: "built"), memo_by_adjacency(a, "k", lambda: "new")
       ('built', 'built')
       >>> a[0, 0] = 2.0
       >>> memo_by_adjacency(a, "k", lambda: "new")

@@ -297,16 +297,19 @@ def test_row_gather_and_scatter_match_numpy_indexing():
         assert "compare" not in hlo and "select" not in hlo, f.__name__
 
 
-@pytest.mark.parametrize("kind", ["csr", "coo", "dense"])
+@pytest.mark.parametrize("kind", ["csr", "coo", "lil", "dok", "dense"])
 def test_an_adjacency_edited_in_place_is_normalised_anew(kind):
     """The cache by identity must not hand back the graph of the matrix before an edit."""
     rng = np.random.default_rng(0)
     dense = random_graph(rng, 6, isolated=False)
-    a = {"csr": sp.csr_matrix, "coo": sp.coo_matrix, "dense": np.array}[kind](dense)
+    a = {"csr": sp.csr_matrix, "coo": sp.coo_matrix, "lil": sp.lil_matrix, "dok": sp.dok_matrix,
+         "dense": np.array}[kind](dense)
     first = sj.as_normalized_graph(a)
     assert sj.as_normalized_graph(a) is first  # unchanged: the cached operator
     if kind == "dense":
         a[:] = 1.0 + a ** 2 * (a > 0)  # a complete graph now, still symmetric
+    elif kind in ("lil", "dok"):
+        a[0, 1] = a[1, 0] = 7.0
     else:
         a.data[:] = 1.0 + a.data ** 2  # entrywise, so still symmetric
     edited = sj.as_normalized_graph(a)
