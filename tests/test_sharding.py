@@ -458,10 +458,21 @@ def test_one_device_mesh_in_process():
         np.testing.assert_allclose(np.asarray(upd[k]), np.asarray(ref[k]), rtol=1e-6, atol=1e-7)
 
 
+def _graph_on_one_device(seed, n, density):
+    """``(rng, a, mesh)``: a random symmetric ``n``-node graph and a 1-device mesh."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    dense = rng.random((n, n)) * (rng.random((n, n)) < density)
+    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+    return rng, np.triu(dense, 1) + np.triu(dense, 1).T, mesh
+
+
 def test_sharded_factory_normalises_and_blocks_once_per_adjacency(monkeypatch):
     """optax.inject_hyperparams runs the factory at every update: the host graph and its layout
     are built once for the adjacency (again after an in-place edit), not at every call."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
@@ -480,10 +491,8 @@ def test_sharded_factory_normalises_and_blocks_once_per_adjacency(monkeypatch):
 
     for name in calls:
         monkeypatch.setattr(transform, name, counted(name, getattr(transform, name)))
-    rng = np.random.default_rng(2)
-    dense = rng.random((8, 8)) * (rng.random((8, 8)) < 0.5)
-    a = sp.csr_matrix(np.triu(dense, 1) + np.triu(dense, 1).T)
-    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    rng, a, mesh = _graph_on_one_device(2, 8, 0.5)
+    a = sp.csr_matrix(a)
     inj = optax.inject_hyperparams(sj.sevo_smooth, static_args=("mesh",))(
         a, beta=0.5, num_layers=2, mesh=mesh, axis_name="x")
     x = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
@@ -511,10 +520,7 @@ def test_eager_sharded_updates_compile_the_repair_once():
     import sevo_jax as sj
     from sevo_jax import operator_sharded as osh
 
-    rng = np.random.default_rng(3)
-    dense = rng.random((9, 9)) * (rng.random((9, 9)) < 0.5)
-    a = np.triu(dense, 1) + np.triu(dense, 1).T
-    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    rng, a, mesh = _graph_on_one_device(3, 9, 0.5)
     tx = sj.sevo_smooth(a, beta=0.5, num_layers=2, mesh=mesh, axis_name="x")
     x = jnp.asarray(rng.standard_normal((9, 2)), jnp.float32)
     state = tx.update(x, tx.init(x))[1]  # a state from init, then one from an update
@@ -538,10 +544,7 @@ def test_a_jitted_sharded_update_compiles_once_from_the_init_state():
 
     import sevo_jax as sj
 
-    rng = np.random.default_rng(4)
-    dense = rng.random((12, 12)) * (rng.random((12, 12)) < 0.4)
-    a = np.triu(dense, 1) + np.triu(dense, 1).T
-    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    rng, a, mesh = _graph_on_one_device(4, 12, 0.4)
     tx = sj.sevo_smooth(a, beta=0.5, num_layers=2, mesh=mesh, axis_name="x")
     x = jnp.asarray(rng.standard_normal((12, 3)), jnp.float32)
     step, state = jax.jit(tx.update), tx.init(x)
@@ -558,18 +561,13 @@ def test_psi_keeps_a_placed_tables_layout_and_compiles_as_plain_adamw(table_spec
     update was returned row-sharded, and the jitted step compiled once more than AdamW's."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import sevo_jax as sj
 
-    rng = np.random.default_rng(5)
-    dense = rng.random((40, 40)) * (rng.random((40, 40)) < 0.2)
-    a = np.triu(dense, 1) + np.triu(dense, 1).T
-    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1],
-                         axis_types=(jax.sharding.AxisType.Explicit,))
+    rng, a, mesh = _graph_on_one_device(5, 40, 0.2)
     params = {"emb": jax.device_put(jnp.asarray(rng.standard_normal((40, 4)), jnp.float32),
                                     NamedSharding(mesh, P(*table_spec))),
               "w": jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P()))}
