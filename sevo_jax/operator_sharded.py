@@ -278,11 +278,11 @@ class ShardedGraph(GraphOperator):
         n_local = sum(local)
         rows_spec = PSpec(axis, None)
         explicit = mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Explicit
-        # in explicit mode each result gets back its table's layout where that is on a mesh
-        # (psi must not move a replicated table's update to rows: the step would recompile)
+        # in explicit mode each result gets back its table's layout where that is on this
+        # mesh (psi must not move a replicated table's update to rows: the step would recompile)
         layouts = [jax.typeof(t).sharding.spec
-                   if explicit and jax.typeof(t).sharding.mesh.axis_names else None
-                   for t in tables]
+                   if explicit and jax.typeof(t).sharding.mesh.axis_names == mesh.axis_names
+                   else None for t in tables]
         padded = []
         for t, s, m in zip(tables, self.segments, local, strict=True):
             if m * num_shards != s:
