@@ -267,6 +267,28 @@ def check_adamw_ten_steps():
             _close(got[k], ref[k], 1e-5, k)
 
 
+def check_update_keeps_a_replicated_tables_layout():
+    """Explicit mesh: a replicated table's update comes back replicated (not row-sharded), for
+    row counts that divide the mesh and that do not (the padded path), with psi's values."""
+    jax, np, graph = _setup()
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import sevo_jax as sj
+
+    mesh = _mesh("explicit")
+    replicated = NamedSharding(mesh, PartitionSpec())
+    for n in (32, 30):
+        a = graph(n, seed=n)
+        table = np.random.default_rng(2).standard_normal((n, 4)).astype(np.float32)
+        x = jax.device_put(jnp.asarray(table), replicated)
+        opt = sj.sevo_smooth(a, 0.9, 3, mesh=mesh, axis_name="x")
+        out, _ = jax.jit(opt.update)(x, opt.init(x))
+        assert out.sharding.is_equivalent_to(replicated, 2), (n, out.sharding)
+        ref = sj.propagate(sj.as_normalized_graph(a), table, 0.9, 3)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-6, atol=2e-6)
+
+
 def check_two_axis_mesh():
     """A (4, 2) mesh sharded on one of its axes (replicated over the other)."""
     jax, np, graph = _setup()
