@@ -609,6 +609,27 @@ def test_psi_keeps_a_placed_tables_layout_and_compiles_as_plain_adamw(table_spec
     assert jax.typeof(updates[0]["emb"]).sharding.spec == jax.typeof(params["emb"]).sharding.spec
 
 
+def test_a_sharded_state_of_another_graph_is_refused():
+    """As unsharded: a state built on another graph of the same size was smoothed with the
+    state's graph, silently."""
+    import jax
+    import jax.numpy as jnp
+
+    import sevo_jax as sj
+
+    rng, a, mesh = _graph_on_one_device(6, 10, 0.4)
+    other = a.copy()
+    other[0, 1] = other[1, 0] = other[0, 1] + 1.0
+    x = jnp.asarray(rng.standard_normal((10, 2)), jnp.float32)
+    for repair in (True, False):
+        tx = sj.sevo_smooth(a, mesh=mesh, axis_name="x", repair=repair)
+        stranger = sj.sevo_smooth(other, mesh=mesh, axis_name="x", repair=repair).init(x)
+        with pytest.raises(ValueError, match="the state holds another graph"):
+            jax.jit(tx.update)(x, stranger)
+        same = sj.sevo_smooth(a.copy(), mesh=mesh, axis_name="x", repair=repair).init(x)
+        jax.jit(tx.update)(x, same)
+
+
 def test_prebuilt_sharded_graph_and_serialization():
     """A ShardedGraph may be passed as the adjacency; the state round-trips through flax."""
     import flax.serialization
