@@ -39,6 +39,7 @@ adjacency on every process (each uploads only its own devices' blocks through
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -436,10 +437,13 @@ class ShardedGraph(GraphOperator):
         return ShardedGraph(host, *out)
 
 
-# jitted per host layout (static, hashed by fingerprint, mesh and axis): an eager update would
-# otherwise trace and compile the shard_map's ops again at every call (1.5-1.8 s at Beauty's size)
-_repaired_blocks = jax.jit(
-    lambda host, *leaves: ShardedGraph(host, *leaves)._from_host(leaves), static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
+def _repaired_blocks(host: HostBlocks, indices: jax.Array, weights: jax.Array,
+                     tag: jax.Array) -> ShardedGraph:
+    """``ShardedGraph.repaired``'s blocks, jitted per host layout (static: hashed by fingerprint,
+    mesh and axis): un-jitted, an eager update traced and compiled the shard_map's ops again at
+    every call (1.5-1.8 s at Beauty's size)."""
+    return ShardedGraph(host, indices, weights, tag)._from_host((indices, weights, tag))
 
 
 flax.serialization.register_serialization_state(
